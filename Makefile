@@ -1,0 +1,36 @@
+# realign-pipeline developer tasks.
+#
+#   make install   create .venv (if missing) and install torch + this package with its dev extras
+#   make test      run the test suite offline (no model weights are ever downloaded)
+#   make demo      run the `realigndiff demo` command
+#
+# torch defaults to the CPU build pinned below. On a GPU machine pass your own spec, e.g.
+#   make install TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+# (TORCH_SPEC is handed to pip unquoted, so it may carry pip options.)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+
+VENV_PY := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test demo
+
+install: $(STAMP)
+
+$(VENV_PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-run the install only when pyproject.toml changes (or the stamp is removed).
+$(STAMP): pyproject.toml | $(VENV_PY)
+	$(VENV_PY) -m pip install --upgrade pip
+	$(VENV_PY) -m pip install $(TORCH_SPEC)
+	$(VENV_PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV_PY) -m pytest -q --durations=25 tests
+
+demo: install
+	$(VENV)/bin/realigndiff demo
