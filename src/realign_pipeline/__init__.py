@@ -1,3 +1,23 @@
 """realign-pipeline: RealignDiff (coarse-to-fine semantic re-alignment) as a diffusers plugin."""
 
 __version__ = "0.1.0.dev0"
+
+from .attention import RealignAttentionState, RealignAttnProcessor, reweighted_attention_scores
+from .layout import SCORE_CERTAIN, SCORE_MAY, SCORE_UNLIKELY, Layout, LayoutError, Region, ResolvedLayout, resolve_layout
+from .pipeline import RealignDiffPipeline, RealignDiffPipelineOutput
+
+__all__ = [
+    "Layout",
+    "LayoutError",
+    "RealignAttentionState",
+    "RealignAttnProcessor",
+    "RealignDiffPipeline",
+    "RealignDiffPipelineOutput",
+    "Region",
+    "ResolvedLayout",
+    "SCORE_CERTAIN",
+    "SCORE_MAY",
+    "SCORE_UNLIKELY",
+    "resolve_layout",
+    "reweighted_attention_scores",
+]

@@ -1,0 +1,387 @@
+"""Re-weighting attention modulation (Eq. 8 of the paper) and the diffusers attention processor applying it.
+
+Eq. 8:  ``A' = softmax((Q K^T + S * M) / sqrt(d))`` with
+``M = l_t R M_pos (1 - B) - l_t (1 - R) M_neg (1 - B)``, ``M_pos = max(QK^T) - QK^T``, ``M_neg = QK^T - min(QK^T)``.
+
+How we read it (see ``docs/method.md``):
+
+* ``M_pos`` / ``M_neg`` use the row maximum and minimum *per query and per head* of the already scaled scores
+  (DenseDiffusion's published code), so the modulation is added after the ``1 / sqrt(d)`` scaling.
+* ``R`` pairs a query inside region ``r``'s mask with a key among region ``r``'s phrase tokens; ``S`` carries the
+  region's Eq. 6 score ``s_r`` on the columns of its phrase tokens and is zero on every other column. So a
+  query inside the mask is pulled toward the phrase, a query outside it (background included) is pushed away
+  from the phrase, tokens that no region claims (start, end, padding, "a", "and") are never touched, and
+  ``s_r = 0`` switches the region off exactly.
+* ``(1 - B)`` is DenseDiffusion's size term ``1 - size_weight * area_r``: small objects are modulated more.
+* ``l_t = (t / T) ** timestep_power`` with ``T`` the scheduler's ``num_train_timesteps`` (1000 for SD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from .layout import ResolvedLayout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure math
+# --------------------------------------------------------------------------------------------------------------
+def timestep_strength(timestep: float, num_train_timesteps: int = 1000, power: float = 5.0) -> float:
+    """``l_t = (t / T) ** power`` of Eq. 8 (DenseDiffusion: ``(t / 1000) ** 5``)."""
+    fraction = min(max(float(timestep) / float(num_train_timesteps), 0.0), 1.0)
+    return fraction**power
+
+
+def size_factor(areas: torch.Tensor, size_weight: float = 1.0) -> torch.Tensor:
+    """``(1 - B)`` of Eq. 8 as DenseDiffusion's area term ``1 - size_weight * area``, never below zero."""
+    return (1.0 - size_weight * areas).clamp(min=0.0)
+
+
+def cross_attention_modulation_weights(
+    token_map: torch.Tensor,
+    masks: torch.Tensor,
+    region_scores: torch.Tensor,
+    areas: torch.Tensor,
+    size_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two weight maps of Eq. 8 for cross-attention, ``S R (1 - B)`` and ``S (1 - R) (1 - B)``.
+
+    Args:
+        token_map: ``R`` over keys, (num_regions, num_keys): 1 on each region's phrase tokens.
+        masks: (num_regions, num_queries) coverage of each region on the attention grid, in [0, 1].
+        region_scores: ``s`` of Eq. 6, (num_regions,).
+        areas: fraction of the image each region covers, (num_regions,).
+        size_weight: weight of the area in the size term ``1 - size_weight * area``.
+
+    Returns:
+        ``(positive, negative)``, each (num_queries, num_keys): summed over regions,
+        ``positive = sum_r s_r (1 - w a_r) m_r[q] R_r[k]`` and ``negative = sum_r s_r (1 - w a_r) (1 - m_r[q]) R_r[k]``.
+    """
+    weight = region_scores * size_factor(areas, size_weight)  # (N,)
+    positive = (masks * weight[:, None]).T @ token_map
+    negative = ((1.0 - masks) * weight[:, None]).T @ token_map
+    return positive, negative
+
+
+def self_attention_modulation_weights(
+    masks: torch.Tensor,
+    region_scores: torch.Tensor,
+    areas: torch.Tensor,
+    size_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DenseDiffusion's self-attention counterpart of Eq. 8: pixels of a region attend to their own region.
+
+    Returns ``(positive, negative)``, each (num_queries, num_queries):
+    ``positive = sum_r s_r (1 - w a_r) m_r[q] m_r[k]``, ``negative = sum_r s_r (1 - w a_r) m_r[q] (1 - m_r[k])``.
+    Queries outside every region are left alone.
+    """
+    weighted = masks * (region_scores * size_factor(areas, size_weight))[:, None]  # (N, Q)
+    positive = weighted.T @ masks
+    negative = weighted.sum(0)[:, None] - positive
+    return positive, negative
+
+
+def modulate_scores(
+    scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, gain: float
+) -> torch.Tensor:
+    """Eq. 8 applied to scaled attention scores: ``scores + gain * (P * M_pos - N * M_neg)``.
+
+    ``M_pos = max - scores`` and ``M_neg = scores - min``, with max and min taken per query row (and per head,
+    for scores of shape (batch, heads, queries, keys)). `positive` and `negative` are the ``S R (1 - B)`` and
+    ``S (1 - R) (1 - B)`` maps, broadcastable to `scores`; `gain` is ``strength * l_t``.
+    A gain of 0 or all-zero weights return `scores` unchanged.
+    """
+    if gain == 0:
+        return scores
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_min = scores.amin(dim=-1, keepdim=True)
+    return scores + gain * (positive * (row_max - scores) - negative * (scores - row_min))
+
+
+def reweighted_attention_scores(
+    scores: torch.Tensor,
+    token_map: torch.Tensor,
+    masks: torch.Tensor,
+    region_scores: torch.Tensor,
+    areas: torch.Tensor,
+    strength: float = 1.0,
+    l_t: float = 1.0,
+    size_weight: float = 1.0,
+) -> torch.Tensor:
+    """Eq. 8 end to end for one image: ``Q K^T / sqrt(d) + S * M`` from a layout's ``R``, masks and scores.
+
+    `scores` are scaled scores of shape (..., num_queries, num_keys); the other arguments are as in
+    :func:`cross_attention_modulation_weights`. Take the softmax of the result to get ``A'``.
+    """
+    positive, negative = cross_attention_modulation_weights(token_map, masks, region_scores, areas, size_weight)
+    return modulate_scores(scores, positive.to(scores), negative.to(scores), strength * l_t)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-call state shared by the processors
+# --------------------------------------------------------------------------------------------------------------
+def attention_grid_sizes(latent_height: int, latent_width: int, levels: int = 8) -> dict[int, tuple[int, int]]:
+    """Map number of queries -> (height, width) for each UNet level (stride-2 convs: ``ceil(n / 2)``)."""
+    sizes: dict[int, tuple[int, int]] = {}
+    height, width = latent_height, latent_width
+    for _ in range(levels):
+        sizes.setdefault(height * width, (height, width))
+        height, width = (height + 1) // 2, (width + 1) // 2
+    return sizes
+
+
+@dataclass
+class RealignAttentionState:
+    """Everything the processors need for one pipeline call, set explicitly by the pipeline at every step.
+
+    The pipeline creates one state per call, passes it to every :class:`RealignAttnProcessor`, and calls
+    :meth:`set_step` before each UNet evaluation; nothing counts calls.
+    """
+
+    latent_height: int
+    latent_width: int
+    num_images: int
+    do_classifier_free_guidance: bool
+    sequence_length: int
+    layouts: Sequence[ResolvedLayout | None] | None = None
+    cross_attention_strength: float = 1.0
+    self_attention_strength: float = 0.0
+    size_weight: float = 1.0
+    timestep_power: float = 5.0
+    modulation_fraction: float = 0.3
+    record_attention_maps: bool = False
+    step_index: int = 0
+    l_t: float = 0.0
+    modulating: bool = False
+    _grid: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _cross_cache: dict = field(default_factory=dict, repr=False)
+    _self_cache: dict = field(default_factory=dict, repr=False)
+    _map_sum: torch.Tensor | None = field(default=None, repr=False)
+    _map_count: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._grid = attention_grid_sizes(self.latent_height, self.latent_width)
+        if self.layouts is not None and len(self.layouts) != self.num_images:
+            raise ValueError(f"{len(self.layouts)} layouts for {self.num_images} images.")
+
+    @property
+    def has_layout(self) -> bool:
+        return self.layouts is not None and any(layout is not None and len(layout) for layout in self.layouts)
+
+    def set_step(self, step_index: int, timestep: float, num_steps: int, num_train_timesteps: int = 1000) -> None:
+        """Called by the pipeline before each UNet call: modulate during the first `modulation_fraction` of steps."""
+        self.step_index = step_index
+        self.l_t = timestep_strength(timestep, num_train_timesteps, self.timestep_power)
+        self.modulating = self.has_layout and step_index < self.modulation_fraction * num_steps
+
+    def grid_size(self, num_queries: int) -> tuple[int, int]:
+        try:
+            return self._grid[num_queries]
+        except KeyError:
+            raise RuntimeError(
+                f"an attention layer has {num_queries} queries, which matches no UNet level of a "
+                f"{self.latent_height}x{self.latent_width} latent; is the state built for this call's latents?"
+            ) from None
+
+    def _per_image_weights(self, num_queries: int, builder) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = self.grid_size(num_queries)
+        size = num_queries if builder is self_attention_modulation_weights else self.sequence_length
+        positives, negatives = [], []
+        for layout in self.layouts:
+            if layout is None or not len(layout):
+                positives.append(torch.zeros(num_queries, size))
+                negatives.append(torch.zeros(num_queries, size))
+                continue
+            masks = layout.masks_at(height, width)
+            if builder is self_attention_modulation_weights:
+                pos, neg = builder(masks, layout.scores(), layout.areas(), self.size_weight)
+            else:
+                pos, neg = builder(
+                    layout.token_map(self.sequence_length), masks, layout.scores(), layout.areas(), self.size_weight
+                )
+            positives.append(pos)
+            negatives.append(neg)
+        return torch.stack(positives)[:, None], torch.stack(negatives)[:, None]
+
+    def cross_weights(self, num_queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_images, 1, Q, K) positive and negative maps of Eq. 8, built once per resolution and device."""
+        key = (num_queries, device)
+        if key not in self._cross_cache:
+            pos, neg = self._per_image_weights(num_queries, cross_attention_modulation_weights)
+            self._cross_cache[key] = (pos.to(device), neg.to(device))
+        return self._cross_cache[key]
+
+    def self_weights(self, num_queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_images, 1, Q, Q) positive and negative maps for self-attention modulation."""
+        key = (num_queries, device)
+        if key not in self._self_cache:
+            pos, neg = self._per_image_weights(num_queries, self_attention_modulation_weights)
+            self._self_cache[key] = (pos.to(device), neg.to(device))
+        return self._self_cache[key]
+
+    def record(self, probs: torch.Tensor) -> None:
+        """Add (num_images, heads, Q, K) cross-attention probabilities, averaged over heads, at latent size."""
+        height, width = self.grid_size(probs.shape[-2])
+        maps = probs.float().mean(dim=1).transpose(1, 2).reshape(probs.shape[0], -1, height, width)
+        if (height, width) != (self.latent_height, self.latent_width):
+            maps = F.interpolate(maps, size=(self.latent_height, self.latent_width), mode="bilinear", align_corners=False)
+        self._map_sum = maps if self._map_sum is None else self._map_sum + maps
+        self._map_count += 1
+
+    def token_attention_maps(self) -> torch.Tensor | None:
+        """(num_images, num_keys, latent_height, latent_width): mean over heads, layers and steps."""
+        if self._map_sum is None:
+            return None
+        return self._map_sum / self._map_count
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------------------------
+class RealignAttnProcessor:
+    r"""Attention processor applying Eq. 8 re-weighting modulation and recording cross-attention maps.
+
+    It does what diffusers' ``AttnProcessor2_0`` does (spatial and group norms, cross norm, ``attn.scale``,
+    residual connection, output rescaling, attention masks) and uses scaled-dot-product attention unless the
+    current step modulates or records. Then only the conditional half of the classifier-free-guidance batch (the
+    whole batch when guidance is off) goes through explicit float32 scores; the unconditional half stays on SDPA.
+    """
+
+    def __init__(self, state: RealignAttentionState):
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        state = self.state
+        is_cross = encoder_hidden_states is not None
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        strength = state.cross_attention_strength if is_cross else state.self_attention_strength
+        modulate = state.modulating and strength != 0 and state.l_t != 0
+        record = is_cross and state.record_attention_maps
+        if modulate or record:
+            hidden_states = self._explicit_attention(
+                attn, query, key, value, attention_mask, is_cross, strength if modulate else 0.0, record
+            )
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _explicit_attention(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_cross: bool,
+        strength: float,
+        record: bool,
+    ) -> torch.Tensor:
+        state = self.state
+        batch_size = query.shape[0]
+        expected = state.num_images * (2 if state.do_classifier_free_guidance else 1)
+        if batch_size != expected:
+            raise RuntimeError(
+                f"RealignAttnProcessor expected a batch of {expected} (num_images={state.num_images}, "
+                f"guidance={'on' if state.do_classifier_free_guidance else 'off'}), got {batch_size}."
+            )
+        split = batch_size - state.num_images  # the conditional half comes last
+        outputs = []
+        if split:
+            uncond_mask = None if attention_mask is None else attention_mask[:split]
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    query[:split], key[:split], value[:split], attn_mask=uncond_mask, scale=attn.scale
+                )
+            )
+        scores = torch.matmul(query[split:].float(), key[split:].float().transpose(-1, -2)) * attn.scale
+        if strength:
+            weights = (state.cross_weights if is_cross else state.self_weights)(scores.shape[-2], scores.device)
+            scores = modulate_scores(scores, weights[0], weights[1], strength * state.l_t)
+        if attention_mask is not None:
+            mask = attention_mask[split:]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        probs = scores.softmax(dim=-1)
+        if record:
+            state.record(probs)
+        outputs.append(torch.matmul(probs.to(value.dtype), value[split:]))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+@contextmanager
+def realign_attention_processors(unet, state: RealignAttentionState) -> Iterator[None]:
+    """Install :class:`RealignAttnProcessor` on the UNet's cross-attention layers (and self-attention layers when
+    self-attention modulation is on) for the duration of the block; restore the original processors afterwards,
+    also when the block raises."""
+    original = unet.attn_processors
+    processor = RealignAttnProcessor(state)
+    use_self = state.has_layout and state.self_attention_strength != 0
+    replaced = {
+        name: processor if (name.endswith("attn2.processor") or (use_self and name.endswith("attn1.processor"))) else proc
+        for name, proc in original.items()
+    }
+    unet.set_attn_processor(replaced)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(original))  # set_attn_processor pops from the dict it is given

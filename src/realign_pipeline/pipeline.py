@@ -1,0 +1,476 @@
+"""`RealignDiffPipeline`: Stable Diffusion with RealignDiff's layout-guided attention modulation (Eq. 8)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import BaseOutput, logging
+
+from .attention import RealignAttentionState, realign_attention_processors
+from .layout import Layout, LayoutError, Region, ResolvedLayout, resolve_layout
+from .tokens import unique_word_keys, word_token_spans
+
+logger = logging.get_logger(__name__)
+
+LayoutInput = Layout | dict | Sequence[Region] | None
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from realign_pipeline import Layout, Region, RealignDiffPipeline
+
+        >>> pipe = RealignDiffPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16
+        ... ).to("cuda")
+        >>> layout = Layout([
+        ...     Region("red book", box=[0.05, 0.35, 0.45, 0.95], score=2.0),
+        ...     Region("yellow vase", box=[0.55, 0.15, 0.95, 0.95], score=2.0),
+        ... ])
+        >>> image = pipe("a red book and a yellow vase", layout=layout,
+        ...              generator=torch.Generator("cuda").manual_seed(42)).images[0]
+        ```
+"""
+
+
+@dataclass
+class RealignDiffPipelineOutput(BaseOutput):
+    """Output of :class:`RealignDiffPipeline`.
+
+    Args:
+        images: generated images, as in ``StableDiffusionPipelineOutput``.
+        nsfw_content_detected: safety checker flags, or None without a safety checker.
+        attention_maps: with ``return_attention_maps=True``, one dict per image from each prompt word (repeats
+            as ``word#2``, ...) to its cross-attention map of shape (latent_height, latent_width), averaged over
+            heads, layers and steps (the paper's Figure 7). With ``prompt_embeds`` and no prompt text the keys
+            are ``token_<i>``.
+        layouts: the layouts as bound to each image's prompt (token indices, appended phrases), or None.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+    attention_maps: list[dict[str, torch.Tensor]] | None = None
+    layouts: list[ResolvedLayout | None] | None = None
+
+
+def _as_layout(value: Any, where: str) -> Layout | None:
+    if value is None or isinstance(value, Layout):
+        return value
+    if isinstance(value, dict):
+        return Layout.from_dict(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, Region) for v in value):
+        return Layout(value)
+    raise LayoutError(f"{where}: expected a Layout (or its dict, or a list of Regions), got {type(value).__name__}.")
+
+
+def expand_layouts(layout: Any, batch_size: int, num_images_per_prompt: int) -> list[Layout | None] | None:
+    """One layout for all images, one per prompt, or one per image -> one entry per image."""
+    if layout is None:
+        return None
+    num_images = batch_size * num_images_per_prompt
+    is_region_list = isinstance(layout, (list, tuple)) and len(layout) > 0 and all(isinstance(v, Region) for v in layout)
+    if not isinstance(layout, (list, tuple)) or is_region_list:
+        return [_as_layout(layout, "layout")] * num_images
+    layouts = [_as_layout(value, f"layout[{i}]") for i, value in enumerate(layout)]
+    if len(layouts) == num_images:
+        return layouts
+    if len(layouts) == batch_size:
+        return [layouts[i // num_images_per_prompt] for i in range(num_images)]
+    raise ValueError(
+        f"got {len(layouts)} layouts for {batch_size} prompt(s) x {num_images_per_prompt} image(s) per prompt; "
+        f"pass one Layout for all images, a list of {batch_size} (one per prompt) or of {num_images} (one per image)."
+    )
+
+
+def _check_modulation_args(**values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
+    if values["modulation_fraction"] > 1:
+        raise ValueError(f"`modulation_fraction` is a fraction of the steps in [0, 1], got {values['modulation_fraction']}.")
+
+
+class RealignDiffPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion with RealignDiff's re-weighting attention modulation (Eq. 8 of Fang et al., 2023).
+
+    Load it like any Stable Diffusion pipeline (``RealignDiffPipeline.from_pretrained(...)`` or
+    ``RealignDiffPipeline.from_pipe(sd_pipeline)``). Called without a `layout` and without
+    `return_attention_maps` it is exactly :class:`~diffusers.StableDiffusionPipeline`. With a
+    :class:`~realign_pipeline.Layout` it installs :class:`~realign_pipeline.attention.RealignAttnProcessor` on the
+    UNet's cross-attention layers for the call, pulls each phrase's attention into its region during the first
+    steps, and restores the original processors afterwards.
+    """
+
+    def _layout_prompts(
+        self, prompt: str | list[str] | None, batch_size: int, num_images_per_prompt: int
+    ) -> list[str | None]:
+        if prompt is None:
+            return [None] * (batch_size * num_images_per_prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [prompts[i // num_images_per_prompt] for i in range(batch_size * num_images_per_prompt)]
+
+    def _replace_phrase_embeddings(
+        self, prompt_embeds: torch.Tensor, layouts: list[ResolvedLayout | None], device, clip_skip
+    ) -> torch.Tensor:
+        """DenseDiffusion's option: each phrase's tokens take the embeddings of the phrase encoded alone."""
+        prompt_embeds = prompt_embeds.clone()
+        for image, layout in enumerate(layouts):
+            for region, indices in zip(layout.regions if layout else [], layout.token_indices if layout else []):
+                alone = self.tokenizer(region.phrase, add_special_tokens=False)["input_ids"]
+                if len(alone) != len(indices):
+                    logger.warning(
+                        f"phrase {region.phrase!r} has {len(alone)} tokens alone but {len(indices)} token indices; "
+                        "its embeddings are not replaced."
+                    )
+                    continue
+                phrase_embeds, _ = self.encode_prompt(region.phrase, device, 1, False, clip_skip=clip_skip)
+                prompt_embeds[image, indices] = phrase_embeds[0, 1 : 1 + len(indices)].to(prompt_embeds.dtype)
+        return prompt_embeds
+
+    def _word_attention_maps(
+        self, token_maps: torch.Tensor, prompts: list[str | None]
+    ) -> list[dict[str, torch.Tensor]]:
+        maps = []
+        max_length = self.tokenizer.model_max_length
+        for image, text in enumerate(prompts):
+            per_token = token_maps[image].cpu()
+            if text is None:
+                maps.append({f"token_{i}": per_token[i] for i in range(1, per_token.shape[0] - 1)})
+                continue
+            spans = word_token_spans(self.tokenizer, text, max_length)
+            keys = unique_word_keys(spans)
+            maps.append({key: per_token[list(span.token_indices)].mean(0) for key, span in zip(keys, spans)})
+        return maps
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
+        added_cond_kwargs: dict | None,
+        extra_step_kwargs: dict,
+        attention_state: RealignAttentionState | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
+        callback=None,
+        callback_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop of ``StableDiffusionPipeline.__call__``, telling the processors the step explicitly."""
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self._num_timesteps = len(timesteps)
+        processors = (
+            realign_attention_processors(self.unet, attention_state) if attention_state is not None else nullcontext()
+        )
+        with processors, self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if attention_state is not None:
+                    attention_state.set_step(i, float(t), len(timesteps), num_train_timesteps)
+
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    local_tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = local_tensors[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+        return latents
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        layout: Layout | list[Layout | None] | None = None,
+        cross_attention_strength: float = 1.0,
+        self_attention_strength: float = 0.0,
+        modulation_fraction: float = 0.3,
+        timestep_power: float = 5.0,
+        size_weight: float = 1.0,
+        replace_phrase_embeddings: bool = False,
+        strict_layout: bool = False,
+        return_attention_maps: bool = False,
+        **kwargs,
+    ) -> RealignDiffPipelineOutput | tuple:
+        r"""Generate images, modulating attention with `layout` (Eq. 8) when one is given.
+
+        Takes every argument of :meth:`diffusers.StableDiffusionPipeline.__call__`, plus:
+
+        Args:
+            layout (`Layout`, `list[Layout | None]`, *optional*):
+                One layout for every image, a list with one per prompt, or a list with one per image (with
+                ``num_images_per_prompt > 1``). ``None`` entries generate without modulation.
+            cross_attention_strength (`float`, defaults to 1.0):
+                Weight of the cross-attention modulation (DenseDiffusion's published ``w_c``).
+            self_attention_strength (`float`, defaults to 0.0):
+                Weight of DenseDiffusion's self-attention modulation (its default is 0.3); off by default because
+                Eq. 8 only speaks of text keys.
+            modulation_fraction (`float`, defaults to 0.3):
+                Modulate during this first fraction of the denoising steps (DenseDiffusion: 30%).
+            timestep_power (`float`, defaults to 5.0):
+                ``l_t = (t / T) ** timestep_power`` (DenseDiffusion: ``(t / 1000) ** 5``).
+            size_weight (`float`, defaults to 1.0):
+                Weight of the area in the size term ``1 - size_weight * area`` (the paper's ``(1 - B)``).
+            replace_phrase_embeddings (`bool`, defaults to False):
+                DenseDiffusion's trick: each phrase's tokens take the embeddings of the phrase encoded alone.
+            strict_layout (`bool`, defaults to False):
+                Raise when a phrase is not in the prompt, instead of appending it to the prompt.
+            return_attention_maps (`bool`, defaults to False):
+                Return, per image, each prompt word's cross-attention map (see `RealignDiffPipelineOutput`).
+
+        Examples:
+
+        Returns:
+            [`RealignDiffPipelineOutput`] or `tuple`: with ``return_dict=False``, ``(images, nsfw_content_detected)``
+            followed by the attention maps when ``return_attention_maps=True``.
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if kwargs:
+            raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        _check_modulation_args(
+            cross_attention_strength=cross_attention_strength,
+            self_attention_strength=self_attention_strength,
+            modulation_fraction=modulation_fraction,
+            timestep_power=timestep_power,
+            size_weight=size_weight,
+        )
+
+        # 0. Default height and width to unet
+        if not height or not width:
+            sample_size = self.unet.config.sample_size
+            height = sample_size if self._is_unet_config_sample_size_int else sample_size[0]
+            width = sample_size if self._is_unet_config_sample_size_int else sample_size[1]
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+        # 2. Define call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        num_images = batch_size * num_images_per_prompt
+        device = self._execution_device
+
+        # 2.1 Bind the layouts to the prompts: token indices (R of Eq. 8), appended phrases
+        image_prompts = self._layout_prompts(prompt, batch_size, num_images_per_prompt)
+        layouts = expand_layouts(layout, batch_size, num_images_per_prompt)
+        resolved: list[ResolvedLayout | None] | None = None
+        if layouts is not None:
+            resolved = []
+            for index, (image_layout, text) in enumerate(zip(layouts, image_prompts)):
+                if image_layout is None:
+                    resolved.append(None)
+                    continue
+                try:
+                    resolved.append(resolve_layout(image_layout, text, self.tokenizer, strict=strict_layout))
+                except LayoutError as error:
+                    raise LayoutError(f"layout of image {index}: {error}") from None
+            image_prompts = [r.prompt if r is not None else p for r, p in zip(resolved, image_prompts)]
+
+        # 3. Encode input prompt
+        lora_scale = self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs is not None else None
+        original_prompts = self._layout_prompts(prompt, batch_size, num_images_per_prompt)
+        if image_prompts != original_prompts:
+            # a phrase was appended to some prompt: encode one text per image
+            if isinstance(negative_prompt, list):
+                negative_prompt = [negative_prompt[i // num_images_per_prompt] for i in range(num_images)]
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            encode_args = (image_prompts, device, 1)
+        else:
+            encode_args = (prompt, device, num_images_per_prompt)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            *encode_args,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        if replace_phrase_embeddings and resolved is not None:
+            prompt_embeds = self._replace_phrase_embeddings(prompt_embeds, resolved, device, self.clip_skip)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+            )
+
+        # 4. Prepare timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+        # 5. Prepare latent variables
+        num_channels_latents = self.unet.config.in_channels
+        latents = self.prepare_latents(
+            num_images, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+
+        # 6. Prepare extra step kwargs
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        added_cond_kwargs = (
+            {"image_embeds": image_embeds}
+            if (ip_adapter_image is not None or ip_adapter_image_embeds is not None)
+            else None
+        )
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        # 6.5 The processors' state, only when something needs them
+        attention_state = None
+        if return_attention_maps or (resolved is not None and any(r is not None and len(r) for r in resolved)):
+            attention_state = RealignAttentionState(
+                latent_height=latents.shape[-2],
+                latent_width=latents.shape[-1],
+                num_images=num_images,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                sequence_length=prompt_embeds.shape[1],
+                layouts=resolved,
+                cross_attention_strength=cross_attention_strength,
+                self_attention_strength=self_attention_strength,
+                size_weight=size_weight,
+                timestep_power=timestep_power,
+                modulation_fraction=modulation_fraction,
+                record_attention_maps=return_attention_maps,
+            )
+
+        # 7. Denoising loop
+        latents = self._denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            timestep_cond,
+            added_cond_kwargs,
+            extra_step_kwargs,
+            attention_state,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            callback,
+            callback_steps,
+        )
+
+        if not output_type == "latent":
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image = latents
+            has_nsfw_concept = None
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+        attention_maps = None
+        if return_attention_maps:
+            attention_maps = self._word_attention_maps(attention_state.token_attention_maps(), image_prompts)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image, has_nsfw_concept) + ((attention_maps,) if return_attention_maps else ())
+        return RealignDiffPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, attention_maps=attention_maps, layouts=resolved
+        )
+
+
+RealignDiffPipeline.__call__.__doc__ = RealignDiffPipeline.__call__.__doc__.replace(
+    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING.split("Examples:\n", 1)[1], 1
+)
