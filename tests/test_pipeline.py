@@ -255,3 +255,14 @@ def test_lora_weights_load_into_the_pipeline(saved_dirs, tmp_path):
     after = run(pipe, layout=LAYOUT).images
     assert np.abs(after - before).max() > 1e-4
     assert np.array_equal(run(pipe).images, run(parent_of(pipe)).images)
+
+
+def test_model_cpu_offload_hooks_keep_the_result(saved_dirs):
+    # on this CPU-only machine "offload" moves between cpu and cpu, but accelerate's hooks and
+    # maybe_free_model_hooks run as they do on a GPU
+    pipe = load(saved_dirs)
+    expected = run(pipe, layout=LAYOUT, return_attention_maps=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    got = run(pipe, layout=LAYOUT, return_attention_maps=True)
+    assert np.array_equal(got.images, expected.images)
+    assert all(torch.equal(got.attention_maps[0][w], expected.attention_maps[0][w]) for w in expected.attention_maps[0])
