@@ -266,3 +266,10 @@ def test_model_cpu_offload_hooks_keep_the_result(saved_dirs):
     got = run(pipe, layout=LAYOUT, return_attention_maps=True)
     assert np.array_equal(got.images, expected.images)
     assert all(torch.equal(got.attention_maps[0][w], expected.attention_maps[0][w]) for w in expected.attention_maps[0])
+
+
+def test_layout_without_classifier_free_guidance(pipe):
+    plain = run(pipe, guidance_scale=1.0, num_images_per_prompt=2).images
+    guided = run(pipe, guidance_scale=1.0, num_images_per_prompt=2, layout=LAYOUT, return_attention_maps=True)
+    assert np.isfinite(guided.images).all() and len(guided.attention_maps) == 2
+    assert all(np.abs(guided.images[i] - plain[i]).max() > 1e-3 for i in range(2))
