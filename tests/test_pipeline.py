@@ -116,25 +116,34 @@ def test_round_trips_and_from_pipe(pipe, saved_dirs, tmp_path):
 def test_layout_changes_the_image_and_strength_zero_does_not(pipe):
     plain = run(pipe).images
     guided = run(pipe, layout=LAYOUT).images
-    assert np.abs(guided - plain).max() > 1e-3
+    assert np.abs(guided - plain).max() > 2e-4  # float noise of the explicit path is ~1e-6
     assert np.array_equal(run(pipe, layout=LAYOUT, cross_attention_strength=0.0).images, plain)
     assert np.array_equal(run(pipe, layout=LAYOUT, modulation_fraction=0.0).images, plain)
     zero_scores = Layout([Region(r.phrase, box=r.box, score=0.0) for r in LAYOUT])
-    torch.testing.assert_close(run(pipe, layout=zero_scores).images, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run(pipe, layout=zero_scores).images, plain, atol=2e-5, rtol=0)
 
 
-def test_phrase_attention_moves_into_its_region(pipe):
-    # the maps of the first step only (t = 981 of 50 DDIM steps, l_t = 0.91), from identical starting latents
-    def first_step_only(pipeline, step, timestep, tensors):
+def first_step_maps(pipeline, **kwargs) -> list[dict]:
+    """Attention maps of the first step only (t = 981 of 50 DDIM steps, l_t = 0.91)."""
+
+    def stop_after_first_step(pipeline, step, timestep, tensors):
         pipeline._interrupt = True
         return tensors
 
-    kwargs = {"steps": 50, "return_attention_maps": True, "callback_on_step_end": first_step_only}
-    plain = run(pipe, **kwargs).attention_maps[0]
-    guided = run(pipe, layout=LAYOUT, **kwargs).attention_maps[0]
-    for region, words in zip(LAYOUT, (["red", "book"], ["yellow", "vase"])):
-        mask = region.mask_at(16, 16)
-        assert phrase_share(guided, words, mask) > phrase_share(plain, words, mask) + 0.01
+    return run(
+        pipeline, steps=50, return_attention_maps=True, callback_on_step_end=stop_after_first_step, **kwargs
+    ).attention_maps
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_phrase_attention_moves_into_its_region(pipe, guidance_scale):
+    # identical starting latents with and without the layout; guidance 1 modulates the whole batch
+    plain = first_step_maps(pipe, guidance_scale=guidance_scale, num_images_per_prompt=2)
+    guided = first_step_maps(pipe, guidance_scale=guidance_scale, num_images_per_prompt=2, layout=LAYOUT)
+    for image in range(2):
+        for region, words in zip(LAYOUT, (["red", "book"], ["yellow", "vase"])):
+            mask = region.mask_at(16, 16)
+            assert phrase_share(guided[image], words, mask) > phrase_share(plain[image], words, mask) + 0.01
 
 
 def test_attention_maps_without_layout(pipe):
@@ -144,7 +153,7 @@ def test_attention_maps_without_layout(pipe):
     assert list(maps) == ["a", "red", "book", "and", "a#2", "yellow", "vase"]
     for value in maps.values():
         assert value.shape == (24, 16) and torch.isfinite(value).all() and (value >= 0).all()
-    torch.testing.assert_close(run(pipe, return_attention_maps=True).images, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run(pipe, return_attention_maps=True).images, plain, atol=2e-5, rtol=0)
     images, nsfw, maps_tuple = run(pipe, return_attention_maps=True, return_dict=False)
     assert len(maps_tuple) == 1 and list(maps_tuple[0]) == list(maps)
 
@@ -166,16 +175,16 @@ def test_processors_are_restored_after_the_call_and_after_an_exception(pipe):
 def test_layouts_per_prompt_and_per_image(pipe):
     plain = run(pipe, num_images_per_prompt=2).images
     per_image = run(pipe, num_images_per_prompt=2, layout=[LAYOUT, None]).images
-    assert np.abs(per_image[0] - plain[0]).max() > 1e-3
-    torch.testing.assert_close(per_image[1], plain[1], atol=1e-4, rtol=0)
+    assert np.abs(per_image[0] - plain[0]).max() > 2e-4
+    torch.testing.assert_close(per_image[1], plain[1], atol=2e-5, rtol=0)
 
     prompts = [PROMPT, "a cat on a mat"]
     cat = Layout([Region("cat", box=[0.25, 0.25, 0.75, 0.75])])
     plain_batch = run(pipe, prompts).images
     both = run(pipe, prompts, layout=[LAYOUT, cat]).images
     only_first = run(pipe, prompts, layout=[LAYOUT, None]).images
-    assert np.abs(both[1] - plain_batch[1]).max() > 1e-3
-    torch.testing.assert_close(only_first[1], plain_batch[1], atol=1e-4, rtol=0)
+    assert np.abs(both[1] - plain_batch[1]).max() > 2e-4
+    torch.testing.assert_close(only_first[1], plain_batch[1], atol=2e-5, rtol=0)
     torch.testing.assert_close(both[0], only_first[0], atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="3 layouts for 2 prompt"):
@@ -266,10 +275,3 @@ def test_model_cpu_offload_hooks_keep_the_result(saved_dirs):
     got = run(pipe, layout=LAYOUT, return_attention_maps=True)
     assert np.array_equal(got.images, expected.images)
     assert all(torch.equal(got.attention_maps[0][w], expected.attention_maps[0][w]) for w in expected.attention_maps[0])
-
-
-def test_layout_without_classifier_free_guidance(pipe):
-    plain = run(pipe, guidance_scale=1.0, num_images_per_prompt=2).images
-    guided = run(pipe, guidance_scale=1.0, num_images_per_prompt=2, layout=LAYOUT, return_attention_maps=True)
-    assert np.isfinite(guided.images).all() and len(guided.attention_maps) == 2
-    assert all(np.abs(guided.images[i] - plain[i]).max() > 1e-3 for i in range(2))
