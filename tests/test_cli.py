@@ -70,6 +70,7 @@ def test_demo_summary_numbers(demo_run):
         # the layout pulls each phrase's attention into its region
         assert row["realigned"] > row["plain"]
     assert set(summary["timings_s"]) == {"load", "plain", "realigned", "pictures"}
+    assert 0 <= summary["image_change_0_255"]["mean"] <= summary["image_change_0_255"]["max"] <= 255
 
 
 def test_demo_intro_says_random_and_shows_real_usage():
@@ -117,6 +118,13 @@ def test_help_has_examples(argv, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "realigndiff demo" in text
+
+
+def test_demo_help_layout_example_is_a_valid_layout():
+    from realign_pipeline.cli import DEMO_EPILOG
+
+    text = DEMO_EPILOG[DEMO_EPILOG.index("{") :]
+    assert [region.phrase for region in Layout.from_json(text)] == ["cat", "sofa"]
 
 
 def test_version(capsys):

@@ -77,9 +77,9 @@ def _image_side(text: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 TOP_EPILOG = f"""\
 examples:
-  {PROG} demo                           tiny random model, offline: writes outputs/demo/
+  {PROG} demo                            tiny random model, offline: writes outputs/demo/
   {PROG} demo --steps 5 --out /tmp/demo  quicker
-  {PROG} demo --help                    the demo's options
+  {PROG} demo --help                     the demo's options
 """
 
 DEMO_DESCRIPTION = """\
@@ -308,6 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from .layout import LayoutError, resolve_layout
@@ -379,6 +380,9 @@ def _demo(args: argparse.Namespace) -> int:
             boxes.setdefault(word, (region_box(region), PALETTE[index % len(PALETTE)]))
 
     image = outputs["realigned"].images[0]
+    pixels = [np.asarray(outputs[name].images[0], dtype=np.float64) for name in ("plain", "realigned")]
+    change = np.abs(pixels[1] - pixels[0])
+    image_change = {"mean": float(change.mean()), "max": float(change.max())}
     cell = display_size(image.size, 128)
     files = [
         _save(outputs["plain"].images[0].save, out / "plain.png"),
@@ -401,11 +405,17 @@ def _demo(args: argparse.Namespace) -> int:
         "share_definition": "fraction of the phrase words' cross-attention (mean over heads, layers, steps) inside "
         "the phrase's region; 'area' is the share uniform attention would give",
         "phrases": rows,
+        "image_change_0_255": image_change,
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
     }
     files.append(_save(lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json"))
 
     print(_share_table(rows))
+    print(
+        f"plain.png and realigned.png differ by {image_change['mean']:.2f} on average (at most "
+        f"{image_change['max']:.0f}) of 255 per pixel value: the random model barely uses attention, so look at "
+        "attention_maps.png, not the images."
+    )
     total = sum(timings.values())
     stages = ", ".join(f"{key} {value:.1f} s" for key, value in timings.items())
     print(f"wrote {len(files)} files to {out}/ ({', '.join(path.name for path in files)}) in {total:.1f} s: {stages}")
