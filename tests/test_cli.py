@@ -143,7 +143,7 @@ def test_no_command_prints_help_and_fails(capsys):
     "content, expected",
     [
         ("{not json", "not valid JSON"),
-        ('{"regions": [{"phrase": "red book", "box": [0.5, 0.1, 0.2, 0.9]}]}', "region 'red book'"),
+        ('{"regions": [{"phrase": "red book", "box": [0.5, 0.1, 0.2, 0.9]}]}', "region 0 ('red book')"),
         ('{"regions": []}', "no regions"),
         ('{"format": "other", "regions": []}', "unsupported layout format"),
         (None, "cannot read layout file"),

@@ -41,7 +41,7 @@ def test_region_rejects_bad_input_naming_the_phrase(kwargs, message):
 
 
 def test_layout_error_names_the_region_index():
-    with pytest.raises(LayoutError, match="region 1"):
+    with pytest.raises(LayoutError, match=r"region 1 \(.dog.\): unknown field"):
         Layout([{"phrase": "cat", "box": [0, 0, 1, 1]}, {"phrase": "dog", "box": [0, 0, 1, 1], "colour": "red"}])
 
 

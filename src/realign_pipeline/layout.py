@@ -264,7 +264,11 @@ class Layout:
             try:
                 self.regions.append(region if isinstance(region, Region) else Region.from_dict(region))
             except LayoutError as error:
-                raise LayoutError(f"region {index}: {error}") from None
+                message = str(error)
+                if message.startswith("region "):  # "region 'cat': ..." -> "region 1 ('cat'): ..."
+                    phrase, _, rest = message[len("region ") :].partition(": ")
+                    raise LayoutError(f"region {index} ({phrase}): {rest}") from None
+                raise LayoutError(f"region {index}: {message}") from None
 
     def __len__(self) -> int:
         return len(self.regions)
