@@ -78,7 +78,7 @@ def test_demo_intro_says_random_and_shows_real_usage():
 
     intro = _intro("a red book and a yellow vase", demo_layout(), None)
     assert intro.startswith("realigndiff demo: these are tiny RANDOM weights") and "NOISE" in intro
-    assert 'from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16).to("cuda")' in intro
+    assert 'from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16).to("cuda")' in intro
     snippet = intro.split("\n\n")[-1]
     assert len(snippet.strip().splitlines()) == 5
     compile(snippet.replace("\n    ", "\n").strip(), "<snippet>", "exec")

@@ -238,7 +238,7 @@ def test_sd2_style_half_precision_where_the_cpu_allows(saved_dirs):
         dtype = torch.float16
     except RuntimeError:
         dtype = torch.float32
-    pipe = load(saved_dirs, "sd2", torch_dtype=dtype)
+    pipe = load(saved_dirs, "sd2", dtype=dtype)
     assert pipe.unet.config.upcast_attention and pipe.scheduler.config.prediction_type == "v_prediction"
     out = run(pipe, layout=LAYOUT, return_attention_maps=True)
     assert np.isfinite(out.images).all()

@@ -210,7 +210,7 @@ def real_model_snippet(prompt: str, layout, layout_path: str | None) -> str:
             "from realign_pipeline import Layout, Region, RealignDiffPipeline",
             (
                 'pipe = RealignDiffPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", '
-                'torch_dtype=torch.float16).to("cuda")'
+                'dtype=torch.float16).to("cuda")'
             ),
             layout_line,
             (

@@ -32,7 +32,7 @@ EXAMPLE_DOC_STRING = """
         >>> from realign_pipeline import Layout, Region, RealignDiffPipeline
 
         >>> pipe = RealignDiffPipeline.from_pretrained(
-        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16
         ... ).to("cuda")
         >>> layout = Layout([
         ...     Region("red book", box=[0.05, 0.35, 0.45, 0.95], score=2.0),
