@@ -274,3 +274,19 @@ def test_explicit_self_attention_path_matches_the_reference_when_weights_are_zer
         ours = attn(hidden)
     assert calls, "the explicit self-attention path must have run"
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_column_update_equals_the_full_update():
+    from realign_pipeline.attention import modulate_columns_
+
+    generator = torch.Generator().manual_seed(8)
+    scores = torch.randn(2, 3, 20, 9, generator=generator)
+    positive = torch.zeros(2, 1, 20, 9)
+    negative = torch.zeros(2, 1, 20, 9)
+    columns = torch.tensor([2, 5, 6])
+    positive[..., columns] = torch.rand(2, 1, 20, 3, generator=generator)
+    negative[..., columns] = torch.rand(2, 1, 20, 3, generator=generator)
+    full = modulate_scores(scores, positive, negative, gain=0.7)
+    in_place = modulate_columns_(scores.clone(), positive[..., columns], negative[..., columns], 0.7, columns)
+    torch.testing.assert_close(in_place, full)
+    assert not torch.equal(full, scores)

@@ -104,6 +104,24 @@ def modulate_scores(
     return scores + gain * (positive * (row_max - scores) - negative * (scores - row_min))
 
 
+def modulate_columns_(
+    scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, gain: float, columns: torch.Tensor
+) -> torch.Tensor:
+    """:func:`modulate_scores` written in place into the key `columns` that carry weight, and returned.
+
+    `positive` and `negative` hold only those columns (shape (..., Q, len(columns))). Every other column has
+    zero weight, so it is left as is; the row max and min are still taken over all keys. In a cross-attention
+    layer the phrase tokens are a few of 77 keys, so this touches a few percent of the scores.
+    """
+    if gain == 0:
+        return scores
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_min = scores.amin(dim=-1, keepdim=True)
+    claimed = scores.index_select(-1, columns)
+    claimed = claimed + gain * (positive * (row_max - claimed) - negative * (claimed - row_min))
+    return scores.index_copy_(-1, columns, claimed)
+
+
 def reweighted_attention_scores(
     scores: torch.Tensor,
     token_map: torch.Tensor,
@@ -209,12 +227,19 @@ class RealignAttentionState:
             negatives.append(neg)
         return torch.stack(positives)[:, None], torch.stack(negatives)[:, None]
 
-    def cross_weights(self, num_queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_images, 1, Q, K) positive and negative maps of Eq. 8, built once per resolution and device."""
+    def cross_weights(
+        self, num_queries: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 8's positive and negative maps on the key columns that carry weight, built once per resolution.
+
+        Returns ``(positive, negative, columns)``: (num_images, 1, Q, C) maps and the C key indices that some
+        region of some image claims.
+        """
         key = (num_queries, device)
         if key not in self._cross_cache:
             pos, neg = self._per_image_weights(num_queries, cross_attention_modulation_weights)
-            self._cross_cache[key] = (pos.to(device), neg.to(device))
+            columns = torch.nonzero((pos + neg).sum(dim=(0, 1, 2))).flatten()
+            self._cross_cache[key] = (pos[..., columns].to(device), neg[..., columns].to(device), columns.to(device))
         return self._cross_cache[key]
 
     def self_weights(self, num_queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,10 +379,13 @@ class RealignAttnProcessor:
                     query[:split], key[:split], value[:split], attn_mask=uncond_mask, scale=attn.scale
                 )
             )
-        scores = torch.matmul(query[split:].float(), key[split:].float().transpose(-1, -2)) * attn.scale
-        if strength:
-            weights = (state.cross_weights if is_cross else state.self_weights)(scores.shape[-2], scores.device)
-            scores = modulate_scores(scores, weights[0], weights[1], strength * state.l_t)
+        scores = torch.matmul(query[split:].float() * attn.scale, key[split:].float().transpose(-1, -2))
+        if strength and is_cross:
+            positive, negative, columns = state.cross_weights(scores.shape[-2], scores.device)
+            scores = modulate_columns_(scores, positive, negative, strength * state.l_t, columns)
+        elif strength:
+            positive, negative = state.self_weights(scores.shape[-2], scores.device)
+            scores = modulate_scores(scores, positive, negative, strength * state.l_t)
         if attention_mask is not None:
             mask = attention_mask[split:]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()

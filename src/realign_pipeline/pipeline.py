@@ -176,12 +176,14 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         processors = (
             realign_attention_processors(self.unet, attention_state) if attention_state is not None else nullcontext()
         )
+        # read once: float(t) on a GPU tensor inside the loop would synchronise at every step
+        timestep_values = timesteps.tolist() if attention_state is not None else None
         with processors, self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 if attention_state is not None:
-                    attention_state.set_step(i, float(t), len(timesteps), num_train_timesteps)
+                    attention_state.set_step(i, timestep_values[i], len(timesteps), num_train_timesteps)
 
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 if hasattr(self.scheduler, "scale_model_input"):
