@@ -207,21 +207,22 @@ class RealignAttentionState:
                 f"{self.latent_height}x{self.latent_width} latent; is the state built for this call's latents?"
             ) from None
 
-    def _per_image_weights(self, num_queries: int, builder) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_image_weights(self, num_queries: int, self_attention: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack each image's positive and negative maps into (num_images, 1, Q, K or Q); zeros without a layout."""
         height, width = self.grid_size(num_queries)
-        size = num_queries if builder is self_attention_modulation_weights else self.sequence_length
+        num_keys = num_queries if self_attention else self.sequence_length
         positives, negatives = [], []
         for layout in self.layouts:
             if layout is None or not len(layout):
-                positives.append(torch.zeros(num_queries, size))
-                negatives.append(torch.zeros(num_queries, size))
-                continue
-            masks = layout.masks_at(height, width)
-            if builder is self_attention_modulation_weights:
-                pos, neg = builder(masks, layout.scores(), layout.areas(), self.size_weight)
+                pos = neg = torch.zeros(num_queries, num_keys)
+            elif self_attention:
+                pos, neg = self_attention_modulation_weights(
+                    layout.masks_at(height, width), layout.scores(), layout.areas(), self.size_weight
+                )
             else:
-                pos, neg = builder(
-                    layout.token_map(self.sequence_length), masks, layout.scores(), layout.areas(), self.size_weight
+                pos, neg = cross_attention_modulation_weights(
+                    layout.token_map(num_keys), layout.masks_at(height, width), layout.scores(), layout.areas(),
+                    self.size_weight,
                 )
             positives.append(pos)
             negatives.append(neg)
@@ -237,7 +238,7 @@ class RealignAttentionState:
         """
         key = (num_queries, device)
         if key not in self._cross_cache:
-            pos, neg = self._per_image_weights(num_queries, cross_attention_modulation_weights)
+            pos, neg = self._per_image_weights(num_queries, self_attention=False)
             columns = torch.nonzero((pos + neg).sum(dim=(0, 1, 2))).flatten()
             self._cross_cache[key] = (pos[..., columns].to(device), neg[..., columns].to(device), columns.to(device))
         return self._cross_cache[key]
@@ -246,7 +247,7 @@ class RealignAttentionState:
         """(num_images, 1, Q, Q) positive and negative maps for self-attention modulation."""
         key = (num_queries, device)
         if key not in self._self_cache:
-            pos, neg = self._per_image_weights(num_queries, self_attention_modulation_weights)
+            pos, neg = self._per_image_weights(num_queries, self_attention=True)
             self._self_cache[key] = (pos.to(device), neg.to(device))
         return self._self_cache[key]
 

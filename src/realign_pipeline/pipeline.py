@@ -347,7 +347,8 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         device = self._execution_device
 
         # 2.1 Bind the layouts to the prompts: token indices (R of Eq. 8), appended phrases
-        image_prompts = self._layout_prompts(prompt, batch_size, num_images_per_prompt)
+        original_prompts = self._layout_prompts(prompt, batch_size, num_images_per_prompt)
+        image_prompts = list(original_prompts)
         layouts = expand_layouts(layout, batch_size, num_images_per_prompt)
         resolved: list[ResolvedLayout | None] | None = None
         if layouts is not None:
@@ -364,7 +365,6 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
         # 3. Encode input prompt
         lora_scale = self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs is not None else None
-        original_prompts = self._layout_prompts(prompt, batch_size, num_images_per_prompt)
         if image_prompts != original_prompts:
             # a phrase was appended to some prompt: encode one text per image
             if isinstance(negative_prompt, list):
