@@ -139,13 +139,15 @@ def test_grid_sizes_follow_stride_two_downsampling():
 
 # ---------------------------------------------------------------- the processor on real diffusers Attention layers
 ATTENTION_CONFIGS = {
-    "cross": dict(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8),
-    "cross_upcast_norm": dict(
-        query_dim=32, cross_attention_dim=16, heads=4, dim_head=8, upcast_attention=True, cross_attention_norm="layer_norm"
-    ),
-    "self_groupnorm_residual": dict(
-        query_dim=32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True, rescale_output_factor=2.0
-    ),
+    "cross": {"query_dim": 32, "cross_attention_dim": 16, "heads": 4, "dim_head": 8},
+    "cross_upcast_norm": {
+        "query_dim": 32, "cross_attention_dim": 16, "heads": 4, "dim_head": 8,
+        "upcast_attention": True, "cross_attention_norm": "layer_norm",
+    },
+    "self_groupnorm_residual": {
+        "query_dim": 32, "heads": 2, "dim_head": 16, "norm_num_groups": 8,
+        "residual_connection": True, "rescale_output_factor": 2.0,
+    },
 }
 
 
@@ -248,11 +250,10 @@ def test_processors_are_installed_only_on_cross_attention_and_restored_on_error(
     unet = tiny_components("sd1")["unet"]
     original = unet.attn_processors
     state = _state(layouts=None, record=True)
-    with pytest.raises(KeyError):
-        with realign_attention_processors(unet, state):
-            installed = unet.attn_processors
-            assert all(isinstance(p, RealignAttnProcessor) == n.endswith("attn2.processor") for n, p in installed.items())
-            raise KeyError("boom")
+    with pytest.raises(KeyError), realign_attention_processors(unet, state):
+        installed = unet.attn_processors
+        assert all(isinstance(p, RealignAttnProcessor) == n.endswith("attn2.processor") for n, p in installed.items())
+        raise KeyError("boom")
     restored = unet.attn_processors
     assert restored.keys() == original.keys()
     assert all(restored[name] is original[name] for name in original)

@@ -154,7 +154,7 @@ def test_attention_maps_without_layout(pipe):
     for value in maps.values():
         assert value.shape == (24, 16) and torch.isfinite(value).all() and (value >= 0).all()
     torch.testing.assert_close(run(pipe, return_attention_maps=True).images, plain, atol=2e-5, rtol=0)
-    images, nsfw, maps_tuple = run(pipe, return_attention_maps=True, return_dict=False)
+    _, _, maps_tuple = run(pipe, return_attention_maps=True, return_dict=False)
     assert len(maps_tuple) == 1 and list(maps_tuple[0]) == list(maps)
 
 

@@ -3,10 +3,22 @@
 __version__ = "0.1.0.dev0"
 
 from .attention import RealignAttentionState, RealignAttnProcessor, reweighted_attention_scores
-from .layout import SCORE_CERTAIN, SCORE_MAY, SCORE_UNLIKELY, Layout, LayoutError, Region, ResolvedLayout, resolve_layout
+from .layout import (
+    SCORE_CERTAIN,
+    SCORE_MAY,
+    SCORE_UNLIKELY,
+    Layout,
+    LayoutError,
+    Region,
+    ResolvedLayout,
+    resolve_layout,
+)
 from .pipeline import RealignDiffPipeline, RealignDiffPipelineOutput
 
 __all__ = [
+    "SCORE_CERTAIN",
+    "SCORE_MAY",
+    "SCORE_UNLIKELY",
     "Layout",
     "LayoutError",
     "RealignAttentionState",
@@ -15,9 +27,6 @@ __all__ = [
     "RealignDiffPipelineOutput",
     "Region",
     "ResolvedLayout",
-    "SCORE_CERTAIN",
-    "SCORE_MAY",
-    "SCORE_UNLIKELY",
     "resolve_layout",
     "reweighted_attention_scores",
 ]

@@ -12,6 +12,7 @@ The resulting :class:`ResolvedLayout` gives the masks at any attention resolutio
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -222,7 +223,7 @@ def _encode_mask(mask: torch.Tensor, binary: bool) -> Any:
         flat = (mask.flatten() > 0.5).to(torch.int8)
         change = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
         bounds = [0, *change.tolist(), flat.numel()]
-        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        counts = [b - a for a, b in itertools.pairwise(bounds)]
         if flat[0] == 1:
             counts = [0, *counts]
         return {"size": list(mask.shape), "counts": counts}

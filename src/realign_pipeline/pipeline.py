@@ -14,7 +14,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
 from diffusers.utils import BaseOutput, logging
 
 from .attention import RealignAttentionState, realign_attention_processors
@@ -230,12 +233,12 @@ class RealignDiffPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = None,
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        timesteps: list[int] = None,
-        sigmas: list[float] = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
@@ -252,7 +255,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         layout: Layout | list[Layout | None] | None = None,
         cross_attention_strength: float = 1.0,
         self_attention_strength: float = 0.0,
@@ -300,6 +303,8 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:
             raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         _check_modulation_args(
@@ -451,7 +456,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             callback_steps,
         )
 
-        if not output_type == "latent":
+        if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
         else:
