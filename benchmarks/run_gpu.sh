@@ -8,11 +8,24 @@
 # interleaved, 2 warm-up + 5 timed rounds each; then the one-layer microbenchmark (seconds). Expected about
 # 3-4 minutes on an H100 (not yet run on one: the budget is ~8 minutes).
 #
-# Installs nothing from the network. If diffusers is missing, it is installed from wheels carried in ./wheels
-# (pip install --no-index --find-links wheels diffusers). torch and transformers must already be there.
+# Installs nothing from the network. If diffusers is missing, it is installed from wheels carried in ./.whl or
+# ./wheels (pip install --no-index). torch and transformers must already be there.
 # Results: $OUT/bench_attention_sd15_fp16.json (every number) and .txt (the table), the same for
 # bench_processor (one cross-attention layer per UNet level, seconds), and $OUT/environment.txt.
+#
+# Dry run on a CPU at tiny shapes (checks the script end to end before spending GPU time):
+#
+#     DEVICE=cpu SHAPE=tiny DTYPE=float32 SIZE=32 STEPS=4 WARMUP=1 REPEATS=1 PROC_REPEATS=1 \
+#         OUT=/tmp/gpu_dry_run bash benchmarks/run_gpu.sh
 set -euo pipefail
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-sd15}
+DTYPE=${DTYPE:-float16}
+SIZE=${SIZE:-512}
+STEPS=${STEPS:-50}
+WARMUP=${WARMUP:-2}
+REPEATS=${REPEATS:-5}
+PROC_REPEATS=${PROC_REPEATS:-50}
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,36 +35,43 @@ mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DIFFUSERS_VERBOSITY=error
 
+# diffusers (and anything else missing there) travels as wheels in .whl/ (or wheels/), made here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
+WHEELS=${WHEELS:-$( [ -d .whl ] && echo .whl || echo wheels )}
 if ! "$PYTHON" -c "import diffusers" >/dev/null 2>&1; then
-    if [ -d wheels ]; then
-        echo "diffusers is missing: installing it from ./wheels (no network)" >&2
-        "$PYTHON" -m pip install --no-index --find-links wheels diffusers
+    if [ -d "$WHEELS" ]; then
+        echo "diffusers is missing: installing $WHEELS/*.whl into /tmp/site (no network)" >&2
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site "$WHEELS"/*.whl
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
     else
-        echo "diffusers is missing and there is no ./wheels folder to install it from" >&2
+        echo "diffusers is missing and there is no $WHEELS folder to install it from" >&2
         exit 1
     fi
 fi
 
 {
-    "$PYTHON" - <<'EOF'
+    DEVICE=$DEVICE "$PYTHON" - <<'EOF'
 import platform, torch, transformers, diffusers, realign_pipeline
 print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
       "| transformers", transformers.__version__, "| diffusers", diffusers.__version__,
       "| realign_pipeline", realign_pipeline.__version__, realign_pipeline.__file__)
 print("cuda available:", torch.cuda.is_available(),
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-if not torch.cuda.is_available():
-    raise SystemExit("no CUDA device: this script is for the GPU machine")
+import os
+if os.environ.get("DEVICE", "cuda") == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("no CUDA device: this script is for the GPU machine (DEVICE=cpu for a dry run)")
 EOF
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true
     git rev-parse HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/environment.txt"
 
 "$PYTHON" benchmarks/bench_attention.py \
-    --shape sd15 --device cuda --dtype float16 \
-    --height 512 --width 512 --steps 50 \
-    --batch-sizes 1 4 --warmup 2 --repeats 5 \
-    --json "$OUT/bench_attention_sd15_fp16.json" | tee "$OUT/bench_attention_sd15_fp16.txt"
+    --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+    --height "$SIZE" --width "$SIZE" --steps "$STEPS" \
+    --batch-sizes 1 4 --warmup "$WARMUP" --repeats "$REPEATS" \
+    --json "$OUT/bench_attention_${SHAPE}_${DTYPE}.json" | tee "$OUT/bench_attention_${SHAPE}_${DTYPE}.txt"
 
-"$PYTHON" benchmarks/bench_processor.py --device cuda --dtype float16 --images 1 4 --repeats 50 \
-    --json "$OUT/bench_processor_sd15_fp16.json" | tee "$OUT/bench_processor_sd15_fp16.txt"
+"$PYTHON" benchmarks/bench_processor.py --device "$DEVICE" --dtype "$DTYPE" --images 1 4 --repeats "$PROC_REPEATS" \
+    --json "$OUT/bench_processor_sd15_${DTYPE}.json" | tee "$OUT/bench_processor_sd15_${DTYPE}.txt"
