@@ -1,0 +1,1 @@
+from .base import LLM, Detection, Grounder, LLMResult, ObjectJudgement, Tagger
