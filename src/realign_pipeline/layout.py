@@ -259,7 +259,8 @@ class Layout:
         'red book'
     """
 
-    def __init__(self, regions: Iterable[Region | dict[str, Any]] = ()):
+    def __init__(self, regions: Iterable[Region | dict[str, Any]] = (), source: dict[str, Any] | None = None):
+        self.source = source  # provenance of the whole layout (e.g. the captioner's tags and dropped objects)
         self.regions: list[Region] = []
         for index, region in enumerate(regions):
             try:
@@ -285,11 +286,14 @@ class Layout:
         return f"Layout([{inner}])"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": LAYOUT_FORMAT,
             "version": LAYOUT_VERSION,
             "regions": [region.to_dict() for region in self.regions],
         }
+        if self.source is not None:
+            data["source"] = self.source
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
@@ -306,7 +310,7 @@ class Layout:
             )
         if not isinstance(data["regions"], list):
             raise LayoutError(f"'regions' must be a list, got {type(data['regions']).__name__}.")
-        return cls(data["regions"])
+        return cls(data["regions"], source=data.get("source"))
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int | None = 2) -> str:
         """The layout as JSON text; also written to `path` if given."""
@@ -345,6 +349,7 @@ class ResolvedLayout:
     regions: list[Region]
     token_indices: list[list[int]]
     appended_phrases: list[str] = field(default_factory=list)
+    source: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -442,4 +447,6 @@ def resolve_layout(
             f"phrases {appended} are not in the prompt and were appended to it (strict_layout=True raises instead).",
             stacklevel=3,
         )
-    return ResolvedLayout(prompt=prompt, regions=regions, token_indices=token_indices, appended_phrases=appended)
+    return ResolvedLayout(
+        prompt=prompt, regions=regions, token_indices=token_indices, appended_phrases=appended, source=layout.source
+    )

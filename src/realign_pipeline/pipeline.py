@@ -1,8 +1,7 @@
 """`RealignDiffPipeline`: Stable Diffusion with RealignDiff's layout-guided attention modulation (Eq. 8)."""
 
-from __future__ import annotations
-
 import math
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,20 +10,27 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     rescale_noise_cfg,
     retrieve_timesteps,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .attention import RealignAttentionState, realign_attention_processors
+from .captioner.dense import CONFIG_NAME as CAPTIONER_CONFIG_NAME
+from .captioner.dense import DenseCaptioner
 from .layout import Layout, LayoutError, Region, ResolvedLayout, resolve_layout
 from .tokens import unique_word_keys, word_token_spans
 
 logger = logging.get_logger(__name__)
+
+CAPTIONER_FOLDER = "dense_captioner"
 
 LayoutInput = Layout | dict | Sequence[Region] | None
 
@@ -58,13 +64,23 @@ class RealignDiffPipelineOutput(BaseOutput):
             as ``word#2``, ...) to its cross-attention map of shape (latent_height, latent_width), averaged over
             heads, layers and steps (the paper's Figure 7). With ``prompt_embeds`` and no prompt text the keys
             are ``token_<i>``.
-        layouts: the layouts as bound to each image's prompt (token indices, appended phrases), or None.
+        layouts: the layouts as bound to each image's prompt (token indices, appended phrases), or None. With
+            ``realign=True`` these are the dense captioner's layouts (masks, scores, phrases, provenance in
+            ``.source``): the paper's Figure 6 material.
+        coarse_images: with ``realign=True``, the first (coarse) images as PIL images.
+        coarse_attention_maps: with ``realign=True`` and ``return_attention_maps=True``, the coarse pass's maps
+            (Figure 7's "before"; `attention_maps` are the "after").
+        realigned: with ``realign=True``, per image whether it was regenerated with a layout; False when the
+            captioner kept no object, and then the image is the coarse image.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None
     attention_maps: list[dict[str, torch.Tensor]] | None = None
     layouts: list[ResolvedLayout | None] | None = None
+    coarse_images: list[PIL.Image.Image] | None = None
+    coarse_attention_maps: list[dict[str, torch.Tensor]] | None = None
+    realigned: list[bool] | None = None
 
 
 def _as_layout(value: Any, where: str) -> Layout | None:
@@ -96,6 +112,26 @@ def expand_layouts(layout: Any, batch_size: int, num_images_per_prompt: int) -> 
     )
 
 
+def _captioner_folder(name_or_path: str | os.PathLike, kwargs: dict) -> str | None:
+    """The saved captioner folder of a local pipeline folder or a Hub repo, or None when there is none."""
+    local = os.path.join(str(name_or_path), CAPTIONER_FOLDER)
+    if os.path.isdir(str(name_or_path)):
+        return local if os.path.isfile(os.path.join(local, CAPTIONER_CONFIG_NAME)) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            str(name_or_path),
+            f"{CAPTIONER_FOLDER}/{CAPTIONER_CONFIG_NAME}",
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+        )
+    except Exception:  # no such file, offline, no access: the pipeline loads without a captioner
+        return None
+    return os.path.dirname(path)
+
+
 def _check_modulation_args(**values: float) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -113,7 +149,61 @@ class RealignDiffPipeline(StableDiffusionPipeline):
     :class:`~realign_pipeline.Layout` it installs :class:`~realign_pipeline.attention.RealignAttnProcessor` on the
     UNet's cross-attention layers for the call, pulls each phrase's attention into its region during the first
     steps, and restores the original processors afterwards.
+
+    With a `dense_captioner` (:class:`~realign_pipeline.captioner.DenseCaptioner`), ``pipe(prompt, realign=True)``
+    runs the paper's fine stage: generate, caption densely, generate again from the same noise with the layout.
+    diffusers cannot save a component from outside diffusers/transformers, so this pipeline saves the
+    captioner's settings (never weights, never API keys) in a ``dense_captioner/`` folder itself and
+    restores them in :meth:`from_pretrained`.
     """
+
+    # the same annotations as the parent: diffusers reads them (from_pipe checks component types)
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        requires_safety_checker: bool = True,
+        dense_captioner: DenseCaptioner | None = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.dense_captioner = dense_captioner
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """``StableDiffusionPipeline.save_pretrained``, plus the dense captioner's settings in ``dense_captioner/``."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.dense_captioner is not None:
+            self.dense_captioner.save_pretrained(os.path.join(save_directory, CAPTIONER_FOLDER))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.from_pretrained``; also restores a saved dense captioner unless one is passed."""
+        if "dense_captioner" not in kwargs:
+            captioner_dir = _captioner_folder(pretrained_model_name_or_path, kwargs)
+            if captioner_dir is not None:
+                kwargs["dense_captioner"] = DenseCaptioner.from_pretrained(captioner_dir)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """``DiffusionPipeline.from_pipe``; keeps the source pipeline's dense captioner unless one is passed."""
+        kwargs.setdefault("dense_captioner", getattr(pipeline, "dense_captioner", None))
+        return super().from_pipe(pipeline, **kwargs)
 
     def _layout_prompts(
         self, prompt: str | list[str] | None, batch_size: int, num_images_per_prompt: int
@@ -230,6 +320,94 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                         callback(i // getattr(self.scheduler, "order", 1), t, latents)
         return latents
 
+    def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        if height and width:
+            return height, width
+        sample_size = self.unet.config.sample_size
+        h = sample_size if self._is_unet_config_sample_size_int else sample_size[0]
+        w = sample_size if self._is_unet_config_sample_size_int else sample_size[1]
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def _realign_call(self, args: dict[str, Any], extra: dict[str, Any]) -> RealignDiffPipelineOutput | tuple:
+        """Coarse pass, dense captions, fine pass from the same initial latents (Sec. 3.2.2)."""
+        if self.dense_captioner is None:
+            raise ValueError(
+                "realign=True needs a dense captioner: pass dense_captioner=DenseCaptioner(tagger, llm, grounder) "
+                "to RealignDiffPipeline.from_pretrained(...) or set pipe.dense_captioner."
+            )
+        prompt = args["prompt"]
+        if prompt is None:
+            raise ValueError("realign=True needs the prompt text (the captioner reads it); prompt_embeds alone won't do.")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        per_prompt = args["num_images_per_prompt"] or 1
+        num_images = batch_size * per_prompt
+        height, width = self._default_size(args["height"], args["width"])
+        latents = args["latents"]
+        if latents is None:
+            dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+            latents = self.prepare_latents(
+                num_images, self.unet.config.in_channels, height, width, dtype, self._execution_device, args["generator"]
+            )
+        user_layouts = expand_layouts(args["layout"], batch_size, per_prompt) or [None] * num_images
+        output_type, return_dict = args["output_type"], args["return_dict"]
+
+        stage = {**args, **extra, "height": height, "width": width, "latents": latents, "return_dict": True}
+        coarse = self(**{**stage, "layout": None, "output_type": "pt"})
+        coarse_pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(coarse.images))
+
+        prompts = self._layout_prompts(prompt, batch_size, per_prompt)
+        to_caption = [i for i, layout in enumerate(user_layouts) if layout is None]
+        layouts = list(user_layouts)
+        if to_caption:
+            captioned = self.dense_captioner([coarse_pil[i] for i in to_caption], [prompts[i] for i in to_caption])
+            for index, layout in zip(to_caption, captioned):
+                layouts[index] = layout
+        realigned = [layout is not None and len(layout) > 0 for layout in layouts]
+        for index, done in enumerate(realigned):
+            if not done:
+                logger.warning(f"image {index}: the dense captioner kept no object; returning the coarse image.")
+
+        if any(realigned) or output_type == "latent":  # latents of the coarse pass are not kept: regenerate
+            final = self(**{**stage, "layout": [layouts[i] if realigned[i] else None for i in range(num_images)],
+                            "output_type": output_type})
+        else:
+            final = coarse
+        if final is coarse:
+            images = self._from_pt(coarse.images, output_type)
+        elif output_type == "latent":
+            images = final.images
+        else:
+            images = self._substitute_coarse(final.images, coarse.images, realigned, output_type)
+        resolved = [
+            final.layouts[i] if final.layouts is not None and realigned[i] else None for i in range(num_images)
+        ]
+        result = RealignDiffPipelineOutput(
+            images=images,
+            nsfw_content_detected=final.nsfw_content_detected,
+            attention_maps=final.attention_maps,
+            layouts=resolved,
+            coarse_images=coarse_pil,
+            coarse_attention_maps=coarse.attention_maps,
+            realigned=realigned,
+        )
+        return result if return_dict else result.to_tuple()
+
+    def _from_pt(self, images: torch.Tensor, output_type: str):
+        """Images in [0, 1] (NCHW) as `output_type` ("pt", "np" or "pil")."""
+        if output_type == "pt":
+            return images
+        as_numpy = self.image_processor.pt_to_numpy(images)
+        return as_numpy if output_type == "np" else self.image_processor.numpy_to_pil(as_numpy)
+
+    def _substitute_coarse(self, images, coarse: torch.Tensor, realigned: list[bool], output_type: str):
+        """`images` (in `output_type`) with the coarse image wherever nothing was realigned."""
+        coarse_images = self._from_pt(coarse, output_type)
+        images = images.clone() if output_type == "pt" else np.array(images) if output_type == "np" else list(images)
+        for i, done in enumerate(realigned):
+            if not done:
+                images[i] = coarse_images[i]
+        return images
+
     @torch.no_grad()
     def __call__(
         self,
@@ -265,6 +443,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         replace_phrase_embeddings: bool = False,
         strict_layout: bool = False,
         return_attention_maps: bool = False,
+        realign: bool = False,
         **kwargs,
     ) -> RealignDiffPipelineOutput | tuple:
         r"""Generate images, modulating attention with `layout` (Eq. 8) when one is given.
@@ -292,6 +471,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 Raise when a phrase is not in the prompt, instead of appending it to the prompt.
             return_attention_maps (`bool`, defaults to False):
                 Return, per image, each prompt word's cross-attention map (see `RealignDiffPipelineOutput`).
+            realign (`bool`, defaults to False):
+                The paper's fine stage: generate (coarse), caption each image with `dense_captioner`, generate
+                again from the same initial latents with the captioned layouts. An image given its own layout
+                keeps it and is not captioned. Needs a text prompt and a `dense_captioner`.
 
         Examples:
 
@@ -299,6 +482,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             [`RealignDiffPipelineOutput`] or `tuple`: with ``return_dict=False``, ``(images, nsfw_content_detected)``
             followed by the attention maps when ``return_attention_maps=True``.
         """
+        if realign:
+            call_args = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "realign", "__class__")}
+            return self._realign_call(call_args, kwargs)
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:

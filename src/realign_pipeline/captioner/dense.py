@@ -1,0 +1,139 @@
+"""`DenseCaptioner`: the paper's local dense caption generation (Sec. 3.2.2), from an image to a `Layout`.
+
+tagger (what is in the image) -> LLM (Eq. 6 score and local phrase per tag) -> grounder (box and mask per
+phrase) -> one :class:`~realign_pipeline.layout.Layout` per image, every region carrying its provenance.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import PIL.Image
+
+from ..layout import Layout, Region
+from .base import LLM, Grounder, ObjectJudgement, Tagger
+
+CONFIG_NAME = "dense_captioner.json"
+
+
+def _qualified_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _part_config(part: Any, role: str) -> dict[str, Any]:
+    if not hasattr(part, "to_config"):
+        raise TypeError(
+            f"the {role} {type(part).__name__} has no to_config(); give it to_config()/from_config() so the "
+            "pipeline can save and restore it."
+        )
+    return {"class": _qualified_name(part), "config": part.to_config()}
+
+
+def _part_from_config(data: dict[str, Any], role: str) -> Any:
+    try:
+        module_name, _, qualname = data["class"].partition(":")
+        cls = importlib.import_module(module_name)
+        for attribute in qualname.split("."):
+            cls = getattr(cls, attribute)
+    except (KeyError, ImportError, AttributeError) as error:
+        raise ValueError(f"cannot restore the {role} from {data!r}: {error}") from None
+    return cls.from_config(data.get("config", {}))
+
+
+def _best_per_phrase(objects: list[ObjectJudgement]) -> list[ObjectJudgement]:
+    """Objects with a phrase and a positive score, one per phrase (the highest score wins)."""
+    best: dict[str, ObjectJudgement] = {}
+    for judgement in objects:
+        if not judgement.phrase or judgement.score <= 0:
+            continue
+        key = judgement.phrase.lower()
+        if key not in best or judgement.score > best[key].score:
+            best[key] = judgement
+    return list(best.values())
+
+
+class DenseCaptioner:
+    """Tag, judge and ground: the fine stage's captioner, an optional component of `RealignDiffPipeline`.
+
+    Args:
+        tagger: a :class:`~realign_pipeline.captioner.base.Tagger` (e.g. ``ClipTagger``).
+        llm: an :class:`~realign_pipeline.captioner.base.LLM` (``RuleBasedLLM``, ``OpenAIChat``,
+            ``TransformersChat``): Eq. 6 scores and local phrases.
+        grounder: a :class:`~realign_pipeline.captioner.base.Grounder` (``GroundingDinoSamGrounder``).
+
+    Objects the LLM scores 0 are dropped (``s = 0`` would not modulate anyway); objects the grounder finds no
+    box for get no region, and both are recorded in the layout's ``source``.
+    """
+
+    def __init__(self, tagger: Tagger, llm: LLM, grounder: Grounder):
+        self.tagger = tagger
+        self.llm = llm
+        self.grounder = grounder
+
+    def __call__(self, images: list[PIL.Image.Image], prompts: list[str]) -> list[Layout]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image.")
+        tags_per_image = self.tagger.tag(images, prompts)
+        return [
+            self.caption_one(image, prompt, tags) for image, prompt, tags in zip(images, prompts, tags_per_image)
+        ]
+
+    def caption_one(self, image: PIL.Image.Image, prompt: str, tags: list[str]) -> Layout:
+        """One image's layout from its tags."""
+        judged = self.llm.judge(prompt, list(tags))
+        kept = _best_per_phrase(judged.objects)
+        detections = self.grounder.ground(image, [judgement.phrase for judgement in kept]) if kept else []
+        regions, ungrounded = [], []
+        for judgement, detection in zip(kept, detections):
+            if detection is None or not detection.mask.any():
+                ungrounded.append(judgement.phrase)
+                continue
+            regions.append(
+                Region(
+                    judgement.phrase,
+                    mask=detection.mask,
+                    score=judgement.score,
+                    box=detection.box,
+                    tag=judgement.tag,
+                    source={"detection_score": float(detection.score), "llm_backend": judged.source.get("backend")},
+                )
+            )
+        dropped = [o.tag for o in judged.objects if not o.phrase or o.score <= 0]
+        source = {
+            "tags": list(tags),
+            "llm": judged.source,
+            "dropped_tags": dropped,
+            "ungrounded_phrases": ungrounded,
+        }
+        return Layout(regions, source=source)
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def to_config(self) -> dict[str, Any]:
+        """Backends by class name with their settings (model ids, thresholds); never weights or API keys."""
+        return {
+            "tagger": _part_config(self.tagger, "tagger"),
+            "llm": _part_config(self.llm, "llm"),
+            "grounder": _part_config(self.grounder, "grounder"),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DenseCaptioner:
+        return cls(
+            tagger=_part_from_config(config["tagger"], "tagger"),
+            llm=_part_from_config(config["llm"], "llm"),
+            grounder=_part_from_config(config["grounder"], "grounder"),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(self.to_config(), handle, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> DenseCaptioner:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as handle:
+            return cls.from_config(json.load(handle))
