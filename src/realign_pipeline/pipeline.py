@@ -117,9 +117,10 @@ def _captioner_folder(name_or_path: str | os.PathLike, kwargs: dict) -> str | No
     local = os.path.join(str(name_or_path), CAPTIONER_FOLDER)
     if os.path.isdir(str(name_or_path)):
         return local if os.path.isfile(os.path.join(local, CAPTIONER_CONFIG_NAME)) else None
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
+    try:
         path = hf_hub_download(
             str(name_or_path),
             f"{CAPTIONER_FOLDER}/{CAPTIONER_CONFIG_NAME}",
@@ -127,7 +128,8 @@ def _captioner_folder(name_or_path: str | os.PathLike, kwargs: dict) -> str | No
             cache_dir=kwargs.get("cache_dir"),
             token=kwargs.get("token"),
         )
-    except Exception:  # no such file, offline, no access: the pipeline loads without a captioner
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError):
+        # no such file, offline, no access: the pipeline loads without a captioner
         return None
     return os.path.dirname(path)
 
