@@ -109,6 +109,9 @@ class DenseCaptioner:
             "dropped_tags": dropped,
             "ungrounded_phrases": ungrounded,
         }
+        report = getattr(self.grounder, "last_report", None) if kept else None
+        if report is not None and hasattr(report, "to_dict"):
+            source["grounding"] = report.to_dict()
         return Layout(regions, source=source)
 
     # ------------------------------------------------------------------------------------------ save / load
