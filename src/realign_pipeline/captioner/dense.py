@@ -65,14 +65,18 @@ class DenseCaptioner:
             ``TransformersChat``): Eq. 6 scores and local phrases.
         grounder: a :class:`~realign_pipeline.captioner.base.Grounder` (``GroundingDinoSamGrounder``).
 
+        add_prompt_objects: add the prompt's own object words (found by the rule-based lexicon) to the tags,
+            so an object the tagger missed can still be judged and grounded.
+
     Objects the LLM scores 0 are dropped (``s = 0`` would not modulate anyway); objects the grounder finds no
     box for get no region, and both are recorded in the layout's ``source``.
     """
 
-    def __init__(self, tagger: Tagger, llm: LLM, grounder: Grounder):
+    def __init__(self, tagger: Tagger, llm: LLM, grounder: Grounder, add_prompt_objects: bool = True):
         self.tagger = tagger
         self.llm = llm
         self.grounder = grounder
+        self.add_prompt_objects = add_prompt_objects
 
     def __call__(self, images: list[PIL.Image.Image], prompts: list[str]) -> list[Layout]:
         if len(images) != len(prompts):
@@ -84,7 +88,16 @@ class DenseCaptioner:
 
     def caption_one(self, image: PIL.Image.Image, prompt: str, tags: list[str]) -> Layout:
         """One image's layout from its tags."""
-        judged = self.llm.judge(prompt, list(tags))
+        tags = list(tags)
+        if self.add_prompt_objects:
+            from .llm_rules import prompt_objects
+
+            known = {tag.lower() for tag in tags}
+            for _, noun in prompt_objects(prompt):
+                if noun.lower() not in known:
+                    known.add(noun.lower())
+                    tags.append(noun)
+        judged = self.llm.judge(prompt, tags)
         kept = _best_per_phrase(judged.objects)
         detections = self.grounder.ground(image, [judgement.phrase for judgement in kept]) if kept else []
         regions, ungrounded = [], []
@@ -121,6 +134,7 @@ class DenseCaptioner:
             "tagger": _part_config(self.tagger, "tagger"),
             "llm": _part_config(self.llm, "llm"),
             "grounder": _part_config(self.grounder, "grounder"),
+            "add_prompt_objects": self.add_prompt_objects,
         }
 
     @classmethod
@@ -129,6 +143,7 @@ class DenseCaptioner:
             tagger=_part_from_config(config["tagger"], "tagger"),
             llm=_part_from_config(config["llm"], "llm"),
             grounder=_part_from_config(config["grounder"], "grounder"),
+            add_prompt_objects=config.get("add_prompt_objects", True),
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
