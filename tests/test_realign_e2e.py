@@ -1,0 +1,154 @@
+"""`realign=True` end to end with the real backends on tiny random models (offline, through from_pretrained):
+CLIP tagger, rule-based LLM or the real `openai` client against a local chat-completions server, Grounding
+DINO + SAM."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from realign_pipeline import RealignDiffPipeline
+from realign_pipeline._tiny_clip import tiny_clip
+from realign_pipeline._tiny_grounding import tiny_grounding_dino, tiny_sam
+from realign_pipeline.captioner.dense import DenseCaptioner
+from realign_pipeline.captioner.grounding import GroundingDinoSamGrounder
+from realign_pipeline.captioner.llm import OpenAIChat
+from realign_pipeline.captioner.llm_rules import RuleBasedLLM
+from realign_pipeline.captioner.tagger import ClipTagger
+from realign_pipeline.testing import tiny_pipeline
+
+PROMPT = "a red book and a yellow vase"
+SECRET = "sk-test-secret-never-written"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "sd")
+    return {
+        "sd": root / "sd",
+        "clip": tiny_clip(root / "clip"),
+        "dino": tiny_grounding_dino(root / "dino"),
+        "sam": tiny_sam(root / "sam"),
+    }
+
+
+class ChatServer:
+    """A local stand-in for /v1/chat/completions that answers from a script (one reply per request)."""
+
+    def __init__(self):
+        self.replies: list[tuple[int, str]] = []
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                self.rfile.read(length)
+                server.requests += 1
+                status, content = server.replies.pop(0) if server.replies else (200, "{}")
+                body = json.dumps({
+                    "id": "x", "object": "chat.completion", "created": 0, "model": "test",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }) if status == 200 else json.dumps({"error": {"message": "server says no"}})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def chat_server():
+    server = ChatServer()
+    yield server
+    server.close()
+
+
+def make_pipe(model_dirs, llm) -> RealignDiffPipeline:
+    captioner = DenseCaptioner(
+        ClipTagger(str(model_dirs["clip"]), tag_list=["book", "vase"], thresholds=0.0),
+        llm,
+        GroundingDinoSamGrounder(str(model_dirs["dino"]), str(model_dirs["sam"]), box_threshold=0.0, text_threshold=0.0),
+    )
+    pipe = RealignDiffPipeline.from_pretrained(model_dirs["sd"], safety_checker=None, dense_captioner=captioner)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, **kwargs):
+    return pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs)
+
+
+def test_realign_with_the_rule_based_llm(model_dirs):
+    pipe = make_pipe(model_dirs, RuleBasedLLM())
+    out = run(pipe, realign=True, return_attention_maps=True)
+    assert out.realigned == [True]
+    layout = out.layouts[0]
+    assert {r.phrase for r in layout.regions} == {"red book", "yellow vase"}
+    for region in layout.regions:
+        assert region.score == 2.0 and region.mask.shape == (32, 32) and region.mask.max() == 1
+        x0, y0, x1, y1 = region.box
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    assert layout.source["llm"]["backend"] == "rule"
+    assert np.abs(out.images - run(pipe).images).max() > 1e-4
+    assert out.coarse_attention_maps is not None and out.attention_maps is not None
+
+
+@pytest.mark.parametrize(
+    "replies, fallback",
+    [
+        ([(200, json.dumps({"objects": [
+            {"tag": "book", "score": 2, "phrase": "red book"},
+            {"tag": "vase", "score": 2, "phrase": "yellow vase"}]}))], False),
+        ([(200, "Sure! ```json\n" + json.dumps({"objects": [
+            {"tag": "book", "score": 2, "phrase": "red book"}, {"tag": "vase", "score": 0.5, "phrase": None}]})
+               + "\n```")], False),
+        ([(200, "not json at all")] * 3, True),
+        ([(200, json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "green apple"}]}))] * 3, True),
+        ([(500, "")] * 4, True),
+        ([(429, "")] * 4, True),
+    ],
+    ids=["valid", "code-fence", "invalid-json", "phrase-not-in-prompt", "http-500", "http-429"],
+)
+def test_realign_with_an_openai_compatible_server(model_dirs, chat_server, replies, fallback):
+    chat_server.replies = list(replies)
+    llm = OpenAIChat(model="test-model", base_url=chat_server.url, api_key=SECRET, timeout=2, max_retries=3,
+                     backoff=0.0)
+    out = run(make_pipe(model_dirs, llm), realign=True)
+    layout = out.layouts[0]
+    source = layout.source["llm"]
+    assert source["backend"] == "openai" and source["fallback"] is fallback
+    assert (source["reason"] is not None) is fallback
+    assert out.realigned == [True] and "red book" in {r.phrase for r in layout.regions}
+    assert SECRET not in json.dumps(layout.source)
+
+
+def test_saved_pipeline_keeps_the_captioner_settings_but_no_secret(model_dirs, chat_server, tmp_path):
+    llm = OpenAIChat(model="test-model", base_url=chat_server.url, api_key=SECRET)
+    pipe = make_pipe(model_dirs, llm)
+    pipe.save_pretrained(tmp_path)
+    text = (tmp_path / "dense_captioner" / "dense_captioner.json").read_text()
+    assert SECRET not in text
+    assert not any(SECRET in p.read_text(errors="ignore") for p in tmp_path.rglob("*.json"))
+    loaded = RealignDiffPipeline.from_pretrained(tmp_path, safety_checker=None)
+    assert loaded.dense_captioner.to_config() == pipe.dense_captioner.to_config()
+    assert loaded.dense_captioner.llm.base_url == chat_server.url
