@@ -1,0 +1,582 @@
+"""The LLM step of the dense captioner (Sec. 3.2.2, Eq. 6 and Table 4 of the paper): scores and local phrases.
+
+Backends, all with ``judge(prompt, tags) -> LLMResult``:
+
+* :class:`~realign_pipeline.captioner.llm_rules.RuleBasedLLM` (``"rule"``): lexicon rules, no model. The
+  default when no LLM is configured, and the fallback of the two below.
+* :class:`OpenAIChat` (``"openai"``): any OpenAI-compatible chat completions server through the ``openai``
+  client (OpenAI, vLLM, Ollama, a local server).
+* :class:`TransformersChat` (``"local"``): a local chat model through transformers.
+
+The paper names a wrong LLM answer as its main limitation, so every answer goes through
+:func:`validate_answer`. An invalid answer is asked again (``max_reasks`` times, telling the model what was
+wrong); network errors, timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with exponential backoff;
+after that, or on any other error, the result is the rule-based one and ``source`` says why::
+
+    {"backend": "openai", "model": "gpt-4o", "fallback": True, "reason": "...", "raw": <last answer or None>,
+     "attempts": <number of requests made>}
+
+Valid answers are cached in memory and, with ``cache_dir``, on disk (one JSON file per request, named by a hash
+of the model, the prompt, the tags and the instruction version), so re-running a prompt set costs nothing.
+API keys are never logged, never put in ``source``, in cache files or in ``to_config()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..layout import SCORE_CERTAIN, SCORE_UNLIKELY
+from .base import LLMResult, ObjectJudgement
+from .llm_rules import RuleBasedLLM, prompt_objects
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "INSTRUCTION",
+    "LLMAnswerError",
+    "OpenAIChat",
+    "RuleBasedLLM",
+    "TransformersChat",
+    "build_messages",
+    "llm_from_config",
+    "make_llm",
+    "prompt_objects",
+    "validate_answer",
+]
+
+#: Bump when the instruction changes: it is part of the cache key, so old cached answers are not reused.
+INSTRUCTION_VERSION = 1
+
+SYSTEM_MESSAGE = (
+    "You help a text-to-image system check its pictures against their text prompts. "
+    "You answer with one JSON object and nothing else."
+)
+
+#: The two instructions of the paper's Table 4 (likelihood per tag, local phrase per object), reworded, with
+#: a JSON answer format. ``{prompt}`` and ``{tags}`` are filled in by :func:`build_messages`.
+INSTRUCTION = """\
+Text prompt: {prompt}
+Tags found in the picture: {tags}
+
+Task 1 (likelihood). For each tag, judge how likely it is that the object the tag names is described by the
+text prompt, that is, that a picture drawn from the prompt shows it. Score 2 if it is certain (the prompt names
+that object, also in the plural or with a synonym), 0.5 if it may be there (it is a kind, a part or a usual
+surrounding of something the prompt names), 0 if it is unlikely.
+
+Task 2 (local phrase). For each tag with a score above 0, copy from the prompt the words that describe that
+object, together with its attributes such as colour, material or size, but without "a", "an" or "the".
+Copy contiguous words exactly as they are written in the prompt; do not add, change or reorder words.
+Example: for the prompt "a red book and a yellow vase" the phrase of the tag "book" is "red book".
+If the prompt has no words for the object, the phrase is null.
+
+Answer with this JSON and nothing else, one entry per tag, in the order of the tags:
+{{"objects": [{{"tag": "<a tag from the list>", "score": <2, 0.5 or 0>, "phrase": "<words of the prompt>" or null}}]}}
+"""
+
+REASK_MESSAGE = (
+    "Your answer could not be used: {error}. Answer again with only the JSON object described above, "
+    "one entry per tag, phrases copied exactly from the prompt."
+)
+
+MIN_SCORE, MAX_SCORE = SCORE_UNLIKELY, SCORE_CERTAIN
+
+
+class LLMAnswerError(ValueError):
+    """An LLM answer that cannot be used; the message says what was wrong."""
+
+
+def build_messages(prompt: str, tags: list[str]) -> list[dict[str, str]]:
+    """The chat messages that ask for the Table 4 judgement of `tags` against `prompt`."""
+    user = INSTRUCTION.format(prompt=json.dumps(prompt, ensure_ascii=False), tags=json.dumps(tags, ensure_ascii=False))
+    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": user}]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
+
+
+def _extract_json(raw: str) -> Any:
+    """The first JSON object (or array) in `raw`: inside a code fence, the whole text, or embedded in prose."""
+    candidates = [m.group(1) for m in _FENCE.finditer(raw)] + [raw]
+    decoder = json.JSONDecoder()
+    first_error: json.JSONDecodeError | None = None
+    for text in candidates:
+        text = text.strip()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            first_error = first_error or error
+        for match in re.finditer(r"[{\[]", text):
+            try:
+                value, _ = decoder.raw_decode(text, match.start())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+                return value
+    raise LLMAnswerError(f"not valid JSON ({first_error.msg} at line {first_error.lineno} column {first_error.colno})"
+                         if first_error else "not valid JSON")
+
+
+def _find_phrase(prompt: str, phrase: str) -> str | None:
+    """The phrase as written in `prompt` (case-insensitive, whole words, any whitespace), or None."""
+    words = phrase.split()
+    if not words:
+        return None
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    match = re.search(pattern, prompt, flags=re.IGNORECASE)
+    return match.group() if match else None
+
+
+def _score(value: Any, tag: str) -> float:
+    if isinstance(value, bool):
+        raise LLMAnswerError(f"score of tag {tag!r} is not a number: {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise LLMAnswerError(f"score of tag {tag!r} is not a number: {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise LLMAnswerError(f"score of tag {tag!r} is not a number: {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not MIN_SCORE <= value <= MAX_SCORE:
+        raise LLMAnswerError(f"score out of range for tag {tag!r}: {value!r} (expected 2, 0.5 or 0)")
+    return value
+
+
+def validate_answer(raw: str | None, prompt: str, tags: list[str]) -> list[ObjectJudgement]:
+    """Parse and check an LLM answer; one :class:`ObjectJudgement` per tag of `tags`, in that order.
+
+    Accepted: the JSON object ``{"objects": [{"tag", "score", "phrase"}, ...]}`` alone, in a code fence or
+    inside prose (a bare list of entries is accepted too). Checks, each failing with :class:`LLMAnswerError`:
+
+    * the answer is not empty and contains JSON, with the key ``"objects"`` holding a list of objects;
+    * every entry has ``"tag"`` and ``"score"`` (``"phrase"`` may be missing or null: no phrase);
+    * every tag is one of `tags` (case-insensitive), none twice, and every tag of `tags` is answered;
+    * the score is a number (or numeric string) in [0, 2]. Eq. 6 asks for 2, 0.5 or 0, but a value between
+      (e.g. 1) is kept as is: the modulation of Eq. 8 is linear in the score, so it is meaningful;
+    * a phrase occurs in `prompt` (case-insensitive, whole words, any whitespace); the returned phrase is the
+      prompt's own spelling of it. An empty phrase counts as no phrase.
+    """
+    if raw is None or not str(raw).strip():
+        raise LLMAnswerError("empty answer")
+    data = _extract_json(str(raw))
+    if isinstance(data, dict):
+        if "objects" not in data:
+            raise LLMAnswerError(f"missing key 'objects' (got keys {sorted(data)})")
+        entries = data["objects"]
+    else:
+        entries = data
+    if not isinstance(entries, list):
+        raise LLMAnswerError(f"'objects' must be a list, got {type(entries).__name__}")
+    asked = {tag.strip().lower(): tag for tag in tags}
+    found: dict[str, ObjectJudgement] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise LLMAnswerError(f"entry {index} of 'objects' is not a JSON object: {entry!r}")
+        for key in ("tag", "score"):
+            if key not in entry:
+                raise LLMAnswerError(f"missing key {key!r} in entry {index} of 'objects'")
+        if not isinstance(entry["tag"], str):
+            raise LLMAnswerError(f"tag of entry {index} is not a string: {entry['tag']!r}")
+        key = entry["tag"].strip().lower()
+        if key not in asked:
+            raise LLMAnswerError(f"tag {entry['tag']!r} was not asked for (tags: {list(tags)})")
+        if key in found:
+            raise LLMAnswerError(f"tag {entry['tag']!r} is answered twice")
+        tag = asked[key]
+        score = _score(entry["score"], tag)
+        phrase = entry.get("phrase")
+        if phrase is not None and not isinstance(phrase, str):
+            raise LLMAnswerError(f"phrase of tag {tag!r} is not a string: {phrase!r}")
+        if phrase is not None and phrase.strip():
+            in_prompt = _find_phrase(prompt, phrase)
+            if in_prompt is None:
+                raise LLMAnswerError(f"phrase {phrase!r} of tag {tag!r} is not in the prompt")
+            phrase = in_prompt
+        else:
+            phrase = None
+        found[key] = ObjectJudgement(tag, score, phrase)
+    missing = [tag for key, tag in asked.items() if key not in found]
+    if missing:
+        raise LLMAnswerError(f"no answer for tag(s) {missing}")
+    return [found[key] for key in asked]
+
+
+# ------------------------------------------------------------------------------------------ shared machinery
+class _TransientError(Exception):
+    """A failure worth retrying after a pause (network, timeout, 429, 5xx)."""
+
+
+class _PermanentError(Exception):
+    """A failure that retrying will not fix (authentication, bad request, model missing)."""
+
+
+def _dedupe(tags: list[str]) -> list[str]:
+    seen: dict[str, str] = {}
+    for tag in tags:
+        if isinstance(tag, str) and tag.strip():
+            seen.setdefault(tag.strip().lower(), tag.strip())
+    return list(seen.values())
+
+
+class _ChatLLM:
+    """Validation, re-asking, retries, caching and the rule-based fallback around one ``_complete(messages)``."""
+
+    backend = "chat"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_retries: int = 3,
+        max_reasks: int = 2,
+        backoff: float = 1.0,
+        cache_dir: str | os.PathLike | None = None,
+        fallback: RuleBasedLLM | None = None,
+    ):
+        if max_retries < 0 or max_reasks < 0 or backoff < 0:
+            raise ValueError("max_retries, max_reasks and backoff must be >= 0.")
+        self.model = model
+        self.max_retries = int(max_retries)
+        self.max_reasks = int(max_reasks)
+        self.backoff = float(backoff)
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.fallback = fallback or RuleBasedLLM()
+        self._memory: dict[str, LLMResult] = {}
+        self.requests_made = 0  # requests sent to the model, for tests and cost accounting
+
+    # Subclasses: send `messages`, return the answer text; raise _TransientError / _PermanentError.
+    def _complete(self, messages: list[dict[str, str]]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _unavailable(self) -> str | None:
+        """A reason why no request can be made at all (e.g. no API key), or None."""
+        return None
+
+    # ---------------------------------------------------------------------------------------------- cache
+    def cache_key(self, prompt: str, tags: list[str]) -> str:
+        payload = json.dumps(
+            {"backend": self.backend, "model": self.model, "prompt": prompt, "tags": tags,
+             "instruction_version": INSTRUCTION_VERSION},
+            sort_keys=True, ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def _cache_path(self, key: str) -> Path | None:
+        return Path(self.cache_dir) / f"{key}.json" if self.cache_dir else None
+
+    def _cache_get(self, key: str, prompt: str, tags: list[str]) -> LLMResult | None:
+        if key in self._memory:
+            return copy.deepcopy(self._memory[key])
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            objects = validate_answer(data["raw"], prompt, tags)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring the unreadable LLM cache file %s (%s)", path, error)
+            return None
+        result = LLMResult(objects, self._source(fallback=False, reason=None, raw=data["raw"],
+                                                 attempts=int(data.get("attempts", 1))) | {"cached": True})
+        self._memory[key] = result
+        return copy.deepcopy(result)
+
+    def _cache_put(self, key: str, prompt: str, tags: list[str], result: LLMResult) -> None:
+        self._memory[key] = copy.deepcopy(result)
+        path = self._cache_path(key)
+        if path is None:
+            return
+        record = {"backend": self.backend, "model": self.model, "prompt": prompt, "tags": tags,
+                  "instruction_version": INSTRUCTION_VERSION, "raw": result.source["raw"],
+                  "attempts": result.source["attempts"]}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as error:
+            logger.warning("could not write the LLM cache file %s (%s)", path, error)
+
+    # ---------------------------------------------------------------------------------------------- judge
+    def _source(self, *, fallback: bool, reason: str | None, raw: str | None, attempts: int) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model, "fallback": fallback, "reason": reason, "raw": raw,
+                "attempts": attempts}
+
+    def _fall_back(self, prompt: str, tags: list[str], reason: str, raw: str | None, attempts: int) -> LLMResult:
+        logger.warning("%s LLM (%s): %s; using the rule-based result.", self.backend, self.model, reason)
+        objects = self.fallback.judge_objects(prompt, tags)
+        return LLMResult(objects, self._source(fallback=True, reason=reason, raw=raw, attempts=attempts))
+
+    def judge(self, prompt: str, tags: list[str]) -> LLMResult:
+        """Eq. 6 score and Table 4 local phrase for each tag (duplicates removed, case-insensitively)."""
+        tags = _dedupe(list(tags))
+        if not tags:
+            return LLMResult([], self._source(fallback=False, reason=None, raw=None, attempts=0))
+        key = self.cache_key(prompt, tags)
+        cached = self._cache_get(key, prompt, tags)
+        if cached is not None:
+            return cached
+        unavailable = self._unavailable()
+        if unavailable:
+            return self._fall_back(prompt, tags, unavailable, None, 0)
+        messages = build_messages(prompt, tags)
+        attempts = failures = reasks = 0
+        raw: str | None = None
+        while True:
+            attempts += 1
+            self.requests_made += 1
+            try:
+                raw = self._complete(messages)
+            except _TransientError as error:
+                failures += 1
+                reason = f"request failed: {error}"
+                if failures > self.max_retries:
+                    return self._fall_back(prompt, tags, f"{reason} (after {failures} tries)", raw, attempts)
+                delay = self.backoff * 2 ** (failures - 1)
+                logger.info("%s LLM: %s; retry %d/%d in %.2f s", self.backend, reason, failures, self.max_retries,
+                            delay)
+                time.sleep(delay)
+                continue
+            except _PermanentError as error:
+                return self._fall_back(prompt, tags, f"request failed: {error}", raw, attempts)
+            try:
+                objects = validate_answer(raw, prompt, tags)
+            except LLMAnswerError as error:
+                reasks += 1
+                if reasks > self.max_reasks:
+                    return self._fall_back(prompt, tags, f"invalid answer: {error}", raw, attempts)
+                logger.info("%s LLM: invalid answer (%s); asking again (%d/%d)", self.backend, error, reasks,
+                            self.max_reasks)
+                messages = build_messages(prompt, tags) + [
+                    {"role": "assistant", "content": raw or ""},
+                    {"role": "user", "content": REASK_MESSAGE.format(error=error)},
+                ]
+                continue
+            result = LLMResult(objects, self._source(fallback=False, reason=None, raw=raw, attempts=attempts))
+            self._cache_put(key, prompt, tags, result)
+            return result
+
+    def _base_config(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model, "max_retries": self.max_retries,
+                "max_reasks": self.max_reasks, "backoff": self.backoff, "cache_dir": self.cache_dir,
+                "fallback": self.fallback.to_config()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r})"
+
+
+# ------------------------------------------------------------------------------------------------- OpenAI
+class OpenAIChat(_ChatLLM):
+    """An OpenAI-compatible chat completions server through the ``openai`` client (imported when first used).
+
+    Args:
+        model: the model name the server knows (default ``"gpt-4o"``, a GPT-4-class model as in the paper).
+        base_url: the server, e.g. ``"http://localhost:8000/v1"`` for vLLM or ``"http://localhost:11434/v1"``
+            for Ollama; default ``OPENAI_BASE_URL`` from the environment, else OpenAI's own.
+        api_key: default ``OPENAI_API_KEY``. With neither a key nor a base URL, every call falls back to the
+            rule-based result (one warning). A local server without keys gets a placeholder key.
+        timeout: seconds per request. max_retries: retries after network errors, timeouts, HTTP 429 and 5xx
+            (the client's own retries are off). max_reasks: how often an invalid answer is asked again.
+        backoff: the first pause between retries in seconds, doubled each retry. cache_dir: optional disk cache.
+
+    Requests use temperature 0. The key is kept in memory only: it is not in ``to_config()``, ``source``,
+    cache files, log messages or ``repr``.
+    """
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        model: str = "gpt-4o",
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30,
+        max_retries: int = 3,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        max_reasks: int = 2,
+        backoff: float = 1.0,
+        fallback: RuleBasedLLM | None = None,
+    ):
+        super().__init__(model, max_retries=max_retries, max_reasks=max_reasks, backoff=backoff,
+                         cache_dir=cache_dir, fallback=fallback)
+        self.base_url = base_url
+        self.timeout = float(timeout)
+        self.__api_key = api_key
+        self._client = None
+        self._warned = False
+
+    def _resolved(self) -> tuple[str | None, str | None]:
+        return (self.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+                self.__api_key or os.environ.get("OPENAI_API_KEY") or None)
+
+    def _unavailable(self) -> str | None:
+        base_url, api_key = self._resolved()
+        if api_key or base_url:
+            return None
+        reason = "no API key (pass api_key= or set OPENAI_API_KEY) and no base_url"
+        if not self._warned:
+            warnings.warn(f"OpenAIChat: {reason}; falling back to rule-based results.", stacklevel=3)
+            self._warned = True
+        return reason
+
+    def _get_client(self):
+        if self._client is None:
+            import openai  # lazily: only this backend needs it
+
+            base_url, api_key = self._resolved()
+            self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed",
+                                         timeout=self.timeout, max_retries=0)
+        return self._client
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        import openai
+
+        try:
+            response = self._get_client().chat.completions.create(
+                model=self.model, messages=messages, temperature=0
+            )
+        except (openai.APITimeoutError, openai.APIConnectionError) as error:
+            raise _TransientError(f"{type(error).__name__}: {error}") from None
+        except (openai.RateLimitError, openai.InternalServerError) as error:
+            raise _TransientError(f"HTTP {error.status_code} ({type(error).__name__})") from None
+        except openai.APIStatusError as error:
+            if error.status_code >= 500 or error.status_code in (408, 409, 429):
+                raise _TransientError(f"HTTP {error.status_code} ({type(error).__name__})") from None
+            raise _PermanentError(f"HTTP {error.status_code} ({type(error).__name__})") from None
+        except openai.OpenAIError as error:
+            raise _PermanentError(f"{type(error).__name__}: {error}") from None
+        try:
+            return response.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
+            return ""
+
+    def to_config(self) -> dict[str, Any]:
+        """Backend, model, explicit base_url, timeout, retries, cache folder; never the API key."""
+        return self._base_config() | {"base_url": self.base_url, "timeout": self.timeout}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> OpenAIChat:
+        return cls(
+            model=config.get("model", "gpt-4o"), base_url=config.get("base_url"),
+            timeout=config.get("timeout", 30), max_retries=config.get("max_retries", 3),
+            cache_dir=config.get("cache_dir"), max_reasks=config.get("max_reasks", 2),
+            backoff=config.get("backoff", 1.0),
+            fallback=RuleBasedLLM.from_config(config.get("fallback", {})),
+        )
+
+
+# ------------------------------------------------------------------------------------------- transformers
+class TransformersChat(_ChatLLM):
+    """A local chat model through transformers (``AutoModelForCausalLM`` and the tokenizer's chat template).
+
+    The model is loaded on the first ``judge`` call; a model that cannot be loaded, a tokenizer without a chat
+    template, or an answer that stays invalid all end in the rule-based result with the reason in ``source``.
+    Decoding is greedy (the temperature-0 equivalent).
+    """
+
+    backend = "local"
+
+    def __init__(
+        self,
+        model_id_or_path: str,
+        device: str | None = None,
+        max_new_tokens: int = 256,
+        *,
+        max_reasks: int = 2,
+        cache_dir: str | os.PathLike | None = None,
+        fallback: RuleBasedLLM | None = None,
+        dtype: str | None = None,
+    ):
+        super().__init__(model_id_or_path, max_retries=0, max_reasks=max_reasks, backoff=0.0,
+                         cache_dir=cache_dir, fallback=fallback)
+        self.device = device
+        self.max_new_tokens = int(max_new_tokens)
+        self.dtype = dtype
+        self._model = None
+        self._tokenizer = None
+        self._load_error: str | None = None
+
+    def _load(self) -> None:
+        if self._model is not None or self._load_error is not None:
+            return
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model)
+            kwargs = {"dtype": getattr(torch, self.dtype)} if self.dtype else {}
+            model = AutoModelForCausalLM.from_pretrained(self.model, **kwargs)
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = model.to(device).eval()
+            self._tokenizer = tokenizer
+        except Exception as error:  # noqa: BLE001 - any loading failure becomes a recorded fallback
+            self._load_error = f"could not load the local model {self.model!r}: {type(error).__name__}: {error}"
+
+    def _unavailable(self) -> str | None:
+        self._load()
+        return self._load_error
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        import torch
+
+        tokenizer, model = self._tokenizer, self._model
+        if not getattr(tokenizer, "chat_template", None):
+            raise _PermanentError(f"the tokenizer of {self.model!r} has no chat template")
+        try:
+            inputs = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                        pad_token_id=pad)
+            new_tokens = output[0, inputs["input_ids"].shape[1] :]
+            return tokenizer.decode(new_tokens, skip_special_tokens=True)
+        except Exception as error:  # noqa: BLE001
+            raise _PermanentError(f"generation failed: {type(error).__name__}: {error}") from None
+
+    def to_config(self) -> dict[str, Any]:
+        return self._base_config() | {"device": self.device, "max_new_tokens": self.max_new_tokens,
+                                      "dtype": self.dtype}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TransformersChat:
+        return cls(
+            config["model"], device=config.get("device"), max_new_tokens=config.get("max_new_tokens", 256),
+            max_reasks=config.get("max_reasks", 2), cache_dir=config.get("cache_dir"),
+            fallback=RuleBasedLLM.from_config(config.get("fallback", {})), dtype=config.get("dtype"),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ factory
+_BACKENDS = {"rule": RuleBasedLLM, "openai": OpenAIChat, "local": TransformersChat}
+_ALIASES = {"rules": "rule", "rule-based": "rule", "rule_based": "rule", "transformers": "local"}
+
+
+def make_llm(name: str = "rule", **kwargs: Any):
+    """An LLM backend by name: ``"rule"``, ``"openai"`` or ``"local"`` (alias ``"transformers"``)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _BACKENDS:
+        raise ValueError(f"unknown LLM backend {name!r}; choose one of {sorted(_BACKENDS)}.")
+    return _BACKENDS[key](**kwargs)
+
+
+def llm_from_config(config: dict[str, Any]):
+    """Restore a backend from its ``to_config()``."""
+    key = _ALIASES.get(str(config.get("backend", "rule")).lower(), str(config.get("backend", "rule")).lower())
+    if key not in _BACKENDS:
+        raise ValueError(f"unknown LLM backend in config: {config.get('backend')!r}")
+    return _BACKENDS[key].from_config(config)

@@ -1,0 +1,512 @@
+"""The LLM step of the dense captioner: answer validation, the rule-based LLM, and the OpenAI / transformers
+backends with their retries, re-asks, caches and rule-based fallback.
+
+The OpenAI backend is tested with the real ``openai`` client against a chat completions server on 127.0.0.1
+that replays scripted replies; the transformers backend with a tiny random GPT-2 saved to a temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from realign_pipeline.captioner.base import LLM, LLMResult, ObjectJudgement
+from realign_pipeline.captioner.llm import (
+    INSTRUCTION,
+    LLMAnswerError,
+    OpenAIChat,
+    RuleBasedLLM,
+    TransformersChat,
+    build_messages,
+    llm_from_config,
+    make_llm,
+    prompt_objects,
+    validate_answer,
+)
+from realign_pipeline.captioner.llm_rules import (
+    bundled_prompts,
+    color_binding,
+    color_coverage,
+    singular_forms,
+)
+
+PROMPT = "A red book and a yellow vase on a table"
+TAGS = ["book", "vase", "dog"]
+SECRET = "sk-test-SECRET-0123456789"
+GOOD = {"objects": [{"tag": "book", "score": 2, "phrase": "red book"},
+                    {"tag": "vase", "score": 2, "phrase": "yellow vase"},
+                    {"tag": "dog", "score": 0, "phrase": None}]}
+GOOD_TEXT = json.dumps(GOOD)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def test_validate_plain_json_keeps_order_and_prompt_spelling():
+    answer = json.dumps({"objects": [GOOD["objects"][1], {"tag": "DOG", "score": "0"},
+                                     {"tag": "book", "score": 2, "phrase": "RED   Book"}]})
+    got = validate_answer(answer, PROMPT, TAGS)
+    assert got == [ObjectJudgement("book", 2.0, "red book"), ObjectJudgement("vase", 2.0, "yellow vase"),
+                   ObjectJudgement("dog", 0.0, None)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f"Sure! Here is the answer:\n{GOOD_TEXT}\nHope this helps.",
+        f"```json\n{GOOD_TEXT}\n```",
+        f"Answer:\n```\n{json.dumps(GOOD, indent=2)}\n```\nDone.",
+        json.dumps(GOOD["objects"]),  # a bare list of entries
+        json.dumps({"objects": [dict(o, score=s) for o, s in zip(GOOD["objects"], [2.0, 1, 0.5])]}),
+    ],
+)
+def test_validate_accepts_prose_fences_lists_and_in_range_scores(raw):
+    got = validate_answer(raw, PROMPT, TAGS)
+    assert [o.tag for o in got] == TAGS and got[0].phrase == "red book"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("", "empty answer"),
+        ("   \n", "empty answer"),
+        (None, "empty answer"),
+        ("I think the book is red.", "not valid JSON"),
+        ('{"objects": [{"tag": "book", "score": 2,', "not valid JSON"),
+        ('{"items": []}', "missing key 'objects'"),
+        ('{"objects": [{"tag": "book", "phrase": "red book"}]}', "missing key 'score'"),
+        ('{"objects": [{"score": 2}]}', "missing key 'tag'"),
+        ('{"objects": {"tag": "book"}}', "must be a list"),
+        (GOOD_TEXT.replace('"red book"', '"blue book"'), "not in the prompt"),
+        (GOOD_TEXT.replace('"red book"', '"red bo"'), "not in the prompt"),  # whole words only
+        (GOOD_TEXT.replace('"score": 2, "phrase": "red book"', '"score": 3, "phrase": "red book"'),
+         "score out of range"),
+        (GOOD_TEXT.replace('"score": 0,', '"score": -0.5,'), "score out of range"),
+        (GOOD_TEXT.replace('"score": 0,', '"score": NaN,'), "score out of range"),
+        (GOOD_TEXT.replace('"score": 0,', '"score": "high",'), "not a number"),
+        (GOOD_TEXT.replace('"score": 0,', '"score": true,'), "not a number"),
+        (GOOD_TEXT.replace('"dog"', '"cat"'), "not asked for"),
+        (json.dumps({"objects": GOOD["objects"][:2]}), "no answer for tag(s) ['dog']"),
+        (json.dumps({"objects": GOOD["objects"] + GOOD["objects"][:1]}), "answered twice"),
+        (GOOD_TEXT.replace('"phrase": "red book"', '"phrase": 7'), "not a string"),
+    ],
+)
+def test_validate_rejects_with_a_message(raw, message):
+    with pytest.raises(LLMAnswerError, match=re.escape(message)):
+        validate_answer(raw, PROMPT, TAGS)
+    assert issubclass(LLMAnswerError, ValueError)
+
+
+def test_instruction_asks_for_both_tasks_and_json():
+    messages = build_messages(PROMPT, TAGS)
+    text = messages[-1]["content"]
+    assert json.dumps(PROMPT) in text and json.dumps(TAGS) in text
+    for needle in ('"objects"', "Score 2", "0.5", "0 if", "phrase", "red book"):
+        assert needle in text
+    assert "{prompt}" in INSTRUCTION
+
+
+# ------------------------------------------------------------------------------------------- rule-based
+def test_singular_forms():
+    assert "bench" in singular_forms("benches") and "cherry" in singular_forms("cherries")
+    assert "knife" in singular_forms("knives") and "man" in singular_forms("men")
+    assert singular_forms("glass")[0] == "glass" and "glas" not in singular_forms("glass")
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a metallic blue sphere to the left of a yellow box made of felt",
+         [("metallic blue sphere", "sphere"), ("yellow box", "box")]),
+        ("one green and two grey parrot perched on a branch", [("grey parrot", "parrot"), ("branch", "branch")]),
+        ("A gray and white kitten in a white bathroom sink",
+         [("gray and white kitten", "kitten"), ("white bathroom sink", "bathroom sink")]),
+        ("an orange cat next to an orange", [("orange cat", "cat"), ("orange", "orange")]),
+        ("Two men riding brown horses", [("men", "men"), ("brown horses", "horses")]),
+        ("a red fire hydrant", [("red fire hydrant", "fire hydrant")]),
+        ("a black cat and white dog", [("black cat", "cat"), ("white dog", "dog")]),
+    ],
+)
+def test_prompt_objects(prompt, expected):
+    assert prompt_objects(prompt) == expected
+
+
+def test_rule_based_scores_and_context_rules():
+    result = RuleBasedLLM().judge("A red book and a yellow vase", ["books", "Vase", "furniture", "table", "dog"])
+    assert isinstance(result, LLMResult) and isinstance(RuleBasedLLM(), LLM)
+    assert [(o.tag, o.score, o.phrase) for o in result.objects] == [
+        ("books", 2.0, "red book"), ("Vase", 2.0, "yellow vase"), ("furniture", 0.0, None),
+        ("table", 0.5, None), ("dog", 0.0, None)]
+    assert result.source == {"backend": "rule", "model": None, "fallback": False, "reason": None, "raw": None,
+                             "attempts": 0}
+    more = RuleBasedLLM().judge("a brown sofa and a white puppy", ["couch", "animal", "sink"]).objects
+    assert [(o.score, o.phrase) for o in more] == [(2.0, "brown sofa"), (0.5, "white puppy"), (0.0, None)]
+
+
+CC500_FORM = re.compile(r"^an? (\w+) ([a-z ]+?) and (?:an? )?(\w+) ([a-z ]+)$", re.IGNORECASE)
+
+
+def test_rule_based_binds_both_colors_on_every_cc500_two_object_prompt():
+    prompts = bundled_prompts("CC-500.txt")[:446]
+    llm, checked = RuleBasedLLM(), 0
+    for prompt in prompts:
+        match = CC500_FORM.match(prompt)
+        assert match, prompt
+        color1, object1, color2, object2 = (g.lower() for g in match.groups())
+        tags = [object1, object2] if object1 != object2 else [object1]
+        objects = llm.judge(prompt, tags).objects
+        assert [o.score for o in objects] == [2.0] * len(tags), prompt
+        assert objects[0].phrase.lower() == f"{color1} {object1}", prompt
+        if len(tags) == 2:
+            assert objects[1].phrase.lower() == f"{color2} {object2}", prompt
+        assert [c.lower() for c, noun in color_binding(prompt) if noun] == [color1, color2], prompt
+        checked += 1
+    assert checked == 446
+
+
+def test_abc6k_color_coverage_stays_at_the_documented_level():
+    stats = color_coverage(bundled_prompts("ABC-6K.txt"))
+    assert stats["prompts"] == 6434
+    assert stats["coverage"] >= 0.88  # docs/captioner_llm.md: 88.4 % (12,857 of 14,543 colour words)
+
+
+# --------------------------------------------------------------------------------- local chat server
+class ChatServer:
+    """A loopback ``/v1/chat/completions`` that replays scripted replies, one per request.
+
+    A reply is ("ok", text), ("status", code), ("stall", seconds) or ("empty-choices", None); when the script
+    runs out, the last reply repeats.
+    """
+
+    def __init__(self):
+        self.script: list[tuple[str, object]] = []
+        self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.requests.append(body)
+                server.auth.append(self.headers.get("Authorization"))
+                kind, value = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                try:
+                    if kind == "stall":
+                        time.sleep(value)
+                        return
+                    if kind == "status":
+                        self._send(value, {"error": {"message": "scripted failure", "type": "server_error"}})
+                        return
+                    choices = [] if kind == "empty-choices" else [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": value}}]
+                    self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                                     "model": body.get("model"), "choices": choices})
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def reply(self, *items):
+        self.script = list(items)
+        return self
+
+
+@pytest.fixture
+def server():
+    chat = ChatServer()
+    chat.thread.start()
+    yield chat
+    chat.httpd.shutdown()
+    chat.httpd.server_close()
+    chat.thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_openai_env(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+def client(server, **kwargs):
+    options = {"model": "test-model", "base_url": server.url, "api_key": SECRET, "timeout": 0.5,
+               "max_retries": 2, "backoff": 0.0, "max_reasks": 2}
+    return OpenAIChat(**(options | kwargs))
+
+
+def assert_valid(result: LLMResult, tags=TAGS):
+    assert [o.tag for o in result.objects] == tags
+    for o in result.objects:
+        assert o.score in (0.0, 0.5, 2.0)
+        assert o.phrase is None or o.phrase.lower() in PROMPT.lower()
+    assert SECRET not in json.dumps(result.source)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [GOOD_TEXT, f"Here you go: {GOOD_TEXT} -- that's all", f"```json\n{GOOD_TEXT}\n```"],
+    ids=["valid", "prose", "code-fence"],
+)
+def test_openai_valid_answers(server, reply):
+    server.reply(("ok", reply))
+    result = client(server).judge(PROMPT, TAGS)
+    assert_valid(result)
+    assert result.objects[0] == ObjectJudgement("book", 2.0, "red book")
+    assert result.source == {"backend": "openai", "model": "test-model", "fallback": False, "reason": None,
+                             "raw": reply, "attempts": 1}
+    request = server.requests[0]
+    assert request["model"] == "test-model" and request["temperature"] == 0
+    assert server.auth[0] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("this is not json {", "not valid JSON"),
+        (GOOD_TEXT.replace('"red book"', '"green book"'), "not in the prompt"),
+        (GOOD_TEXT.replace('"score": 2, "phrase": "red book"', '"score": 5, "phrase": "red book"'),
+         "score out of range"),
+        ("", "empty answer"),
+    ],
+    ids=["invalid-json", "phrase-not-in-prompt", "score-out-of-range", "empty"],
+)
+def test_openai_invalid_answers_are_reasked_then_fall_back(server, reply, reason):
+    server.reply(("ok", reply))
+    result = client(server).judge(PROMPT, TAGS)
+    assert_valid(result)
+    assert result.source["fallback"] is True and result.source["attempts"] == 3
+    assert result.source["reason"].startswith("invalid answer: ") and reason in result.source["reason"]
+    assert result.source["raw"] == reply
+    assert result.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
+    assert len(server.requests) == 3
+    # The re-ask carries the model's answer and what was wrong with it.
+    last = server.requests[-1]["messages"]
+    assert last[-2] == {"role": "assistant", "content": reply} and reason in last[-1]["content"]
+
+
+def test_openai_invalid_then_valid_answer_is_used(server):
+    server.reply(("ok", "no idea"), ("ok", GOOD_TEXT))
+    result = client(server).judge(PROMPT, TAGS)
+    assert result.source["fallback"] is False and result.source["attempts"] == 2
+    assert result.objects[1].phrase == "yellow vase"
+
+
+def test_openai_no_choices_counts_as_empty(server):
+    server.reply(("empty-choices", None))
+    result = client(server, max_reasks=0).judge(PROMPT, TAGS)
+    assert result.source["fallback"] and "empty answer" in result.source["reason"]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_openai_server_errors_are_retried_then_fall_back(server, status):
+    server.reply(("status", status))
+    result = client(server, max_retries=2).judge(PROMPT, TAGS)
+    assert_valid(result)
+    assert result.source["fallback"] is True and result.source["attempts"] == 3
+    assert f"HTTP {status}" in result.source["reason"] and result.source["raw"] is None
+    assert len(server.requests) == 3  # our retries only: the client's own are off
+
+
+def test_openai_recovers_after_a_429_and_a_500(server):
+    server.reply(("status", 429), ("status", 500), ("ok", GOOD_TEXT))
+    result = client(server, max_retries=2).judge(PROMPT, TAGS)
+    assert result.source["fallback"] is False and result.source["attempts"] == 3
+
+
+def test_openai_backoff_doubles(server, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("realign_pipeline.captioner.llm.time.sleep", sleeps.append)
+    server.reply(("status", 500))
+    client(server, max_retries=3, backoff=0.25).judge(PROMPT, TAGS)
+    assert sleeps == [0.25, 0.5, 1.0]
+
+
+def test_openai_stalled_reply_times_out_and_falls_back(server):
+    server.reply(("stall", 3.0))
+    start = time.monotonic()
+    result = client(server, timeout=0.5, max_retries=1).judge(PROMPT, TAGS)
+    elapsed = time.monotonic() - start
+    assert_valid(result)
+    assert result.source["fallback"] is True and result.source["attempts"] == 2
+    assert "Timeout" in result.source["reason"]
+    assert elapsed < 2.5
+
+
+def test_openai_client_error_is_not_retried(server):
+    server.reply(("status", 401))
+    result = client(server).judge(PROMPT, TAGS)
+    assert result.source["fallback"] and result.source["attempts"] == 1 and "HTTP 401" in result.source["reason"]
+
+
+def test_openai_connection_refused_falls_back(server):
+    url = server.url
+    server.httpd.shutdown()
+    server.httpd.server_close()
+    result = OpenAIChat("m", base_url=url, api_key=SECRET, timeout=0.5, max_retries=1, backoff=0).judge(PROMPT, TAGS)
+    assert result.source["fallback"] and "APIConnectionError" in result.source["reason"]
+
+
+def test_openai_memory_cache_makes_no_second_request(server):
+    server.reply(("ok", GOOD_TEXT), ("ok", json.dumps({"objects": GOOD["objects"][:1]})))
+    llm = client(server)
+    first = llm.judge(PROMPT, TAGS)
+    second = llm.judge(PROMPT, list(TAGS))
+    assert len(server.requests) == 1
+    assert second.objects == first.objects and second.source["raw"] == GOOD_TEXT
+    assert not llm.judge(PROMPT, ["book"]).source["fallback"]  # other tags: a new request
+    assert len(server.requests) == 2
+
+
+def test_openai_fallbacks_are_not_cached(server):
+    server.reply(("status", 500), ("status", 500), ("ok", GOOD_TEXT))
+    llm = client(server, max_retries=1)
+    assert llm.judge(PROMPT, TAGS).source["fallback"] is True
+    assert llm.judge(PROMPT, TAGS).source["fallback"] is False
+
+
+def test_openai_disk_cache_survives_a_new_instance_and_holds_no_key(server, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.reply(("status", 500), ("ok", GOOD_TEXT))
+    first = client(server, cache_dir=tmp_path).judge(PROMPT, TAGS)
+    assert first.source["fallback"] is False and len(server.requests) == 2
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and re.fullmatch(r"[0-9a-f]{64}\.json", files[0].name)
+    again = client(server, cache_dir=tmp_path, api_key="another-key").judge(PROMPT, TAGS)
+    assert len(server.requests) == 2  # no HTTP request
+    assert again.objects == first.objects and again.source["cached"] is True
+    for path in tmp_path.rglob("*"):
+        assert SECRET not in path.read_text() and "another-key" not in path.read_text()
+    assert SECRET not in caplog.text
+
+
+def test_api_key_never_in_config_repr_or_source(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.reply(("status", 500))
+    llm = client(server, max_retries=1)
+    result = llm.judge(PROMPT, TAGS)
+    for text in (json.dumps(llm.to_config()), repr(llm), json.dumps(result.source), caplog.text):
+        assert SECRET not in text
+    restored = llm_from_config(json.loads(json.dumps(llm.to_config())))
+    assert isinstance(restored, OpenAIChat) and restored.to_config() == llm.to_config()
+
+
+def test_openai_key_from_environment(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    server.reply(("ok", GOOD_TEXT))
+    llm = OpenAIChat("env-model", timeout=0.5, backoff=0)
+    assert llm.judge(PROMPT, TAGS).source["fallback"] is False
+    assert server.auth[0] == f"Bearer {SECRET}" and llm.to_config()["base_url"] is None
+
+
+def test_openai_without_key_or_base_url_warns_once_and_uses_rules():
+    llm = OpenAIChat()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = llm.judge(PROMPT, TAGS)
+        second = llm.judge(PROMPT, ["vase"])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "falling back to rule-based" in messages[0]
+    assert first.source["fallback"] is True and first.source["attempts"] == 0
+    assert "no API key" in first.source["reason"] and second.source["fallback"] is True
+    assert first.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
+
+
+def test_empty_and_duplicate_tags(server):
+    server.reply(("ok", json.dumps({"objects": [GOOD["objects"][0]]})))
+    llm = client(server)
+    assert llm.judge(PROMPT, []).objects == [] and not server.requests
+    result = llm.judge(PROMPT, ["book", "Book ", "book"])
+    assert [o.tag for o in result.objects] == ["book"] and not result.source["fallback"]
+
+
+# ------------------------------------------------------------------------------------------ transformers
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A random 1-layer GPT-2 with a word-level tokenizer that has a chat template, saved to a folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", INSTRUCTION + PROMPT + " ".join(TAGS) + " system user assistant")))
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]",
+                                        pad_token="[EOS]")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    config = GPT2Config(vocab_size=len(vocab), n_positions=4096, n_embd=16, n_layer=1, n_head=2,
+                        eos_token_id=1, bos_token_id=1)
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_transformers_garbage_answer_falls_back(tiny_chat_model):
+    llm = TransformersChat(tiny_chat_model, device="cpu", max_new_tokens=6, max_reasks=1)
+    result = llm.judge(PROMPT, TAGS)
+    assert_valid(result)
+    assert result.source["backend"] == "local" and result.source["model"] == tiny_chat_model
+    assert result.source["fallback"] is True and result.source["attempts"] == 2
+    assert result.source["reason"].startswith("invalid answer: ") and isinstance(result.source["raw"], str)
+
+
+def test_transformers_valid_answer_goes_through_validation(tiny_chat_model, monkeypatch):
+    llm = TransformersChat(tiny_chat_model, device="cpu", max_new_tokens=4)
+    seen = []
+    monkeypatch.setattr(type(llm), "_complete", lambda self, messages: (seen.append(messages), GOOD_TEXT)[1])
+    result = llm.judge(PROMPT, TAGS)
+    assert result.source["fallback"] is False and result.objects[0].phrase == "red book"
+    assert seen and seen[0][-1]["role"] == "user"
+
+
+def test_transformers_without_chat_template_or_model(tiny_chat_model, tmp_path):
+    llm = TransformersChat(tiny_chat_model, device="cpu", max_new_tokens=2)
+    llm._load()
+    llm._tokenizer.chat_template = None
+    result = llm.judge(PROMPT, TAGS)
+    assert result.source["fallback"] and "no chat template" in result.source["reason"]
+    missing = TransformersChat(str(tmp_path / "nothing-here")).judge(PROMPT, TAGS)
+    assert missing.source["fallback"] and "could not load the local model" in missing.source["reason"]
+    assert missing.source["attempts"] == 0
+
+
+# ------------------------------------------------------------------------------------------ factory
+def test_make_llm_and_config_round_trips(tmp_path):
+    assert isinstance(make_llm("rule"), RuleBasedLLM)
+    assert isinstance(make_llm("openai", model="m", base_url="http://127.0.0.1:9/v1"), OpenAIChat)
+    assert isinstance(make_llm("local", model_id_or_path=str(tmp_path)), TransformersChat)
+    assert isinstance(make_llm("transformers", model_id_or_path=str(tmp_path)), TransformersChat)
+    with pytest.raises(ValueError, match="unknown LLM backend"):
+        make_llm("gpt5")
+    for llm in (RuleBasedLLM(context_score=0.25),
+                OpenAIChat("m", base_url="http://x/v1", api_key=SECRET, timeout=7, cache_dir=str(tmp_path)),
+                TransformersChat(str(tmp_path), device="cpu", max_new_tokens=9)):
+        config = json.loads(json.dumps(llm.to_config()))
+        assert SECRET not in json.dumps(config)
+        restored = llm_from_config(config)
+        assert type(restored) is type(llm) and restored.to_config() == config
+        assert type(llm).from_config(config).to_config() == config
