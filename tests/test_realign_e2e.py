@@ -4,6 +4,7 @@ DINO + SAM."""
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -54,6 +55,9 @@ class ChatServer:
                 self.rfile.read(length)
                 server.requests += 1
                 status, content = server.replies.pop(0) if server.replies else (200, "{}")
+                if status == "stall":  # answer only after the client's timeout
+                    time.sleep(float(content))
+                    status, content = 200, "{}"
                 body = json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": "test",
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -124,15 +128,21 @@ def test_realign_with_the_rule_based_llm(model_dirs):
                + "\n```")], False),
         ([(200, "not json at all")] * 3, True),
         ([(200, json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "green apple"}]}))] * 3, True),
+        ([(200, json.dumps({"objects": [{"tag": "book", "score": 7, "phrase": "red book"},
+                                        {"tag": "vase", "score": 2, "phrase": "yellow vase"}]}))] * 3, True),
+        ([(200, "")] * 3, True),
         ([(500, "")] * 4, True),
         ([(429, "")] * 4, True),
+        ([("stall", "1.0")] * 2, True),
     ],
-    ids=["valid", "code-fence", "invalid-json", "phrase-not-in-prompt", "http-500", "http-429"],
+    ids=["valid", "code-fence", "invalid-json", "phrase-not-in-prompt", "score-out-of-range", "empty",
+         "http-500", "http-429", "stalled"],
 )
 def test_realign_with_an_openai_compatible_server(model_dirs, chat_server, replies, fallback):
     chat_server.replies = list(replies)
-    llm = OpenAIChat(model="test-model", base_url=chat_server.url, api_key=SECRET, timeout=2, max_retries=3,
-                     backoff=0.0)
+    stalled = replies[0][0] == "stall"
+    llm = OpenAIChat(model="test-model", base_url=chat_server.url, api_key=SECRET, timeout=0.3 if stalled else 2,
+                     max_retries=1 if stalled else 3, backoff=0.0)
     out = run(make_pipe(model_dirs, llm), realign=True)
     layout = out.layouts[0]
     source = layout.source["llm"]
