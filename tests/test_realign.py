@@ -201,3 +201,16 @@ def test_from_pipe_keeps_the_captioner(pipe):
     assert RealignDiffPipeline.from_pipe(pipe).dense_captioner is pipe.dense_captioner
     other = captioner(extra="lamp")
     assert RealignDiffPipeline.from_pipe(pipe, dense_captioner=other).dense_captioner is other
+
+
+def test_regions_carry_their_provenance_and_defaults_are_the_papers_parts():
+    layout = captioner()([PIL.Image.new("RGB", (32, 32))], [PROMPT])[0]
+    for region in layout:
+        assert region.source["llm"] == {"backend": "lookup", "fallback": False, "raw": None}
+        assert region.source["tagger"] == "WordTagger" and region.source["grounder"] == "BoxGrounder"
+    from realign_pipeline.captioner import ClipTagger, GroundingDinoSamGrounder, RuleBasedLLM
+
+    default = DenseCaptioner()  # nothing is loaded until the first image
+    assert isinstance(default.tagger, ClipTagger) and isinstance(default.llm, RuleBasedLLM)
+    assert isinstance(default.grounder, GroundingDinoSamGrounder)
+    assert default.to_config()["grounder"]["config"]["detector"] == "IDEA-Research/grounding-dino-tiny"

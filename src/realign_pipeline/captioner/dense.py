@@ -60,10 +60,12 @@ class DenseCaptioner:
     """Tag, judge and ground: the fine stage's captioner, an optional component of `RealignDiffPipeline`.
 
     Args:
-        tagger: a :class:`~realign_pipeline.captioner.base.Tagger` (e.g. ``ClipTagger``).
+        tagger: a :class:`~realign_pipeline.captioner.base.Tagger`; default ``ClipTagger()`` (CLIP ViT-L/14 over
+            the Recognize Anything tags).
         llm: an :class:`~realign_pipeline.captioner.base.LLM` (``RuleBasedLLM``, ``OpenAIChat``,
-            ``TransformersChat``): Eq. 6 scores and local phrases.
-        grounder: a :class:`~realign_pipeline.captioner.base.Grounder` (``GroundingDinoSamGrounder``).
+            ``TransformersChat``): Eq. 6 scores and local phrases; default ``RuleBasedLLM()``.
+        grounder: a :class:`~realign_pipeline.captioner.base.Grounder`; default ``GroundingDinoSamGrounder()``
+            (Grounding DINO tiny + SAM ViT-B). Models load lazily, on the first image.
 
         add_prompt_objects: add the prompt's own object words (found by the rule-based lexicon) to the tags,
             so an object the tagger missed can still be judged and grounded.
@@ -72,7 +74,25 @@ class DenseCaptioner:
     box for get no region, and both are recorded in the layout's ``source``.
     """
 
-    def __init__(self, tagger: Tagger, llm: LLM, grounder: Grounder, add_prompt_objects: bool = True):
+    def __init__(
+        self,
+        tagger: Tagger | None = None,
+        llm: LLM | None = None,
+        grounder: Grounder | None = None,
+        add_prompt_objects: bool = True,
+    ):
+        if tagger is None:
+            from .tagger import ClipTagger
+
+            tagger = ClipTagger()
+        if llm is None:
+            from .llm_rules import RuleBasedLLM
+
+            llm = RuleBasedLLM()
+        if grounder is None:
+            from .grounding import GroundingDinoSamGrounder
+
+            grounder = GroundingDinoSamGrounder()
         self.tagger = tagger
         self.llm = llm
         self.grounder = grounder
@@ -112,7 +132,12 @@ class DenseCaptioner:
                     score=judgement.score,
                     box=detection.box,
                     tag=judgement.tag,
-                    source={"detection_score": float(detection.score), "llm_backend": judged.source.get("backend")},
+                    source={
+                        "tagger": type(self.tagger).__name__,
+                        "llm": judged.source,  # backend, model, fallback used and why, the raw answer
+                        "grounder": type(self.grounder).__name__,
+                        "detection_score": float(detection.score),
+                    },
                 )
             )
         dropped = [o.tag for o in judged.objects if not o.phrase or o.score <= 0]
