@@ -504,11 +504,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         )
 
         # 0. Default height and width to unet
-        if not height or not width:
-            sample_size = self.unet.config.sample_size
-            height = sample_size if self._is_unet_config_sample_size_int else sample_size[0]
-            width = sample_size if self._is_unet_config_sample_size_int else sample_size[1]
-            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+        height, width = self._default_size(height, width)
 
         # 1. Check inputs
         self.check_inputs(
