@@ -1,0 +1,443 @@
+"""training/train_refl.py on tiny models, offline (32x32, T=4, gradient step in [2, 4))."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+import refl
+import train_refl
+from data import DataError
+
+REWARD_MODULE = '''
+import torch
+
+class BrightnessReward:
+    """Differentiable test reward: mean pixel value in [-1, 1] (higher is better)."""
+    name = "brightness"
+
+    def __init__(self, nan_on_call=None):
+        self.calls, self.nan_on_call = 0, nan_on_call
+
+    def objective(self, pixels, prompts):
+        self.calls += 1
+        out = pixels.float().mean(dim=(1, 2, 3))
+        if self.nan_on_call is not None and self.calls == self.nan_on_call:
+            out = out * float("nan")
+        return out
+
+    @torch.no_grad()
+    def score(self, images, prompts):
+        return self.objective(torch.as_tensor(images), prompts)
+
+    def to(self, device=None, dtype=None):
+        return self
+'''
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    from realign_pipeline.testing import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("refl")
+    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "tiny-sd")
+    data = root / "pairs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / f"{k}.png")
+        rows.append({"file_name": f"{k}.png", "text": f"a photo number {k}"})
+    (data / "broken.png").write_bytes(b"not a png")
+    rows += [
+        {"file_name": "missing.png", "text": "gone"},
+        {"file_name": "broken.png", "text": "unreadable"},
+        {"file_name": "0.png", "text": "  "},
+    ]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "prompts.txt").write_text("a red cube\na blue ball on a table\n\ntwo cats\n")
+    (root / "rewardmod").mkdir()
+    (root / "rewardmod" / "refl_test_reward.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(root / "rewardmod"))
+    return root
+
+
+def _args(assets, out, *extra):
+    return train_refl.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(assets / "tiny-sd"),
+            "--output_dir",
+            str(out),
+            "--train_data_dir",
+            str(assets / "pairs"),
+            "--prompts_file",
+            str(assets / "prompts.txt"),
+            "--reward_class",
+            "refl_test_reward:BrightnessReward",
+            "--resolution",
+            "32",
+            "--center_crop",
+            "--train_batch_size",
+            "2",
+            "--num_inference_steps",
+            "4",
+            "--grad_step_range",
+            "2",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--seed",
+            "0",
+            "--report_to",
+            "none",
+            "--checkpointing_steps",
+            "1000",
+            "--reward_margin",
+            "1.0",
+            "--reward_weight",
+            "1.0",
+            *extra,
+        ]
+    )
+
+
+def _unet_images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    return pipe(
+        "a red cube", num_inference_steps=2, height=32, width=32, generator=g, output_type="np"
+    ).images
+
+
+# ----------------------------------------------------------------------------------------------- step math
+def test_unet_receives_scheduler_timestep_not_index():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    seen = []
+
+    class FakeUNet:
+        def __call__(self, x, t, encoder_hidden_states):
+            seen.append((int(t), torch.is_grad_enabled()))
+            return type("O", (), {"sample": x * 0.1})()
+
+    x = torch.randn(1, 4, 8, 8, requires_grad=False)
+    out = refl.refl_latents(
+        FakeUNet(), scheduler, x, torch.zeros(1, 3, 8), num_inference_steps=4, grad_step=2
+    )
+    ts = [int(t) for t in scheduler.timesteps]
+    assert ts[2] != 2 and out.timestep == ts[2] and out.grad_step == 2
+    assert seen == [(ts[0], False), (ts[1], False), (ts[2], True)]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_predict_x0_matches_scheduler(kind):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000, prediction_type=kind, clip_sample=False)
+    s.set_timesteps(10)
+    x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = s.timesteps[3]
+    expected = s.step(out, t, x).pred_original_sample
+    torch.testing.assert_close(refl.predict_x0(s, out, t, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hinge_and_eq5():
+    obj = torch.tensor([0.5, 2.0])
+    assert refl.hinge_reward_loss(obj, 1.0, 1e-3).item() == pytest.approx(1e-3 * 0.25)
+    assert refl.refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.5).item() == 2.0
+    assert refl.refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.0).item() == 1.0
+    g = torch.Generator().manual_seed(0)
+    draws = {refl.draw_grad_step((30, 50), 50, g) for _ in range(400)}
+    assert min(draws) == 30 and max(draws) == 49
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_missing_column_or_dataset_is_clear_error_before_model_load(assets, tmp_path):
+    # the model path does not exist: an error about the data proves no model was loaded first
+    base = [
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--prompts_file",
+        str(assets / "prompts.txt"),
+    ]
+    with pytest.raises(DataError, match="--caption_column 'caption'"):
+        train_refl.main(
+            train_refl.parse_args(
+                base + ["--train_data_dir", str(assets / "pairs"), "--caption_column", "caption"]
+            )
+        )
+    with pytest.raises(DataError, match="--image_column 'img'"):
+        train_refl.main(
+            train_refl.parse_args(base + ["--train_data_dir", str(assets / "pairs"), "--image_column", "img"])
+        )
+    with pytest.raises(DataError, match="does not exist"):
+        train_refl.main(train_refl.parse_args(base + ["--train_data_dir", str(tmp_path / "nope")]))
+    with pytest.raises(SystemExit):  # L_pre on (default) without pairs: argparse error
+        train_refl.parse_args(base)
+    with pytest.raises(SystemExit, match="bitsandbytes|GPU"):
+        train_refl.main(
+            train_refl.parse_args(base + ["--train_data_dir", str(assets / "pairs"), "--use_8bit_adam"])
+        )
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_lora_run_writes_loadable_weights_that_change_output(assets, tmp_path):
+    from realign_pipeline import RealignDiffPipeline
+
+    out = tmp_path / "lora"
+    stats = train_refl.main(
+        _args(
+            assets,
+            out,
+            "--use_lora",
+            "--rank",
+            "4",
+            "--max_train_steps",
+            "3",
+            "--validation_prompts",
+            "a red cube",
+        )
+    )
+    assert stats["global_step"] == 3 and stats["skipped_nonfinite"] == 0
+    assert all(np.isfinite(r["loss"]) and r["loss_pre"] > 0 for r in stats["losses"])
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_pretrained(assets / "tiny-sd", subfolder="scheduler")
+    sched.set_timesteps(4)
+    allowed = {int(sched.timesteps[2]), int(sched.timesteps[3])}  # values, not the indices 2 and 3
+    assert all(
+        r["grad_timestep"] in allowed and r["grad_timestep"] == int(sched.timesteps[r["grad_step_index"]])
+        for r in stats["losses"]
+    )
+    # 3 steps x 2 rows = 6 good rows from 4 good + 3 bad: the bad ones were met and counted
+    assert stats["skipped_rows"] >= 3
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "reward_weight | 1.0" in card and "validation/step3_0_0.png" in card
+    assert (out / "validation" / "step3_0_0.png").is_file()
+
+    pipe = RealignDiffPipeline.from_pretrained(
+        assets / "tiny-sd", safety_checker=None, requires_safety_checker=False
+    )
+    before = _unet_images(pipe)
+    pipe.load_lora_weights(out)
+    after = _unet_images(pipe)
+    assert np.abs(after - before).max() > 1e-4
+
+
+def test_full_finetune_writes_loadable_pipeline(assets, tmp_path):
+    from realign_pipeline import RealignDiffPipeline
+
+    out = tmp_path / "full"
+    stats = train_refl.main(_args(assets, out, "--max_train_steps", "2", "--use_ema", "--ema_decay", "0.5"))
+    assert stats["global_step"] == 2
+    assert all(np.isfinite(r["loss"]) for r in stats["losses"])
+    base = RealignDiffPipeline.from_pretrained(
+        assets / "tiny-sd", safety_checker=None, requires_safety_checker=False
+    )
+    tuned = RealignDiffPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(tuned, RealignDiffPipeline)
+    assert np.abs(_unet_images(tuned) - _unet_images(base)).max() > 1e-4
+    assert "full UNet fine-tuning + EMA" in (out / "README.md").read_text()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    extra = [
+        "--use_lora",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--lr_scheduler",
+        "linear",
+        "--checkpoints_total_limit",
+        "2",
+    ]
+    ref = train_refl.main(_args(assets, tmp_path / "ref", *extra))
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 5:
+            raise Killed
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train_refl.main(_args(assets, out, *extra), step_callback=kill)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "checkpoint-4" / "train_state.json").read_text())
+    assert state["global_step"] == 4 and state["data"]["0"]["prompts"]["offset"] > 0
+
+    resumed = train_refl.main(_args(assets, out, *extra, "--resume_from_checkpoint", "latest"))
+    assert resumed["global_step"] == 6 and len(resumed["losses"]) == 2
+    assert [r["lr"] for r in resumed["losses"]] == pytest.approx([r["lr"] for r in ref["losses"][4:]])
+    assert [r["loss"] for r in resumed["losses"]] == pytest.approx(
+        [r["loss"] for r in ref["losses"][4:]], rel=1e-4
+    )
+    a, b = (
+        load_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors"),
+        load_file(out / "pytorch_lora_weights.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_nonfinite_loss_skips_step_and_is_counted(assets, tmp_path, monkeypatch, caplog):
+    sys.modules.pop("refl_test_reward", None)
+    import refl_test_reward
+
+    out = tmp_path / "nan"
+    reward = refl_test_reward.BrightnessReward(nan_on_call=2)
+    stats = train_refl.main(
+        _args(assets, out, "--use_lora", "--max_train_steps", "3", "--pretrain_loss_weight", "0"),
+        reward=reward,
+    )
+    assert stats["global_step"] == 3 and stats["skipped_nonfinite"] == 1
+    assert [r["skipped_nonfinite"] for r in stats["losses"]] == [0, 1, 1]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(out / "pytorch_lora_weights.safetensors").values())
+    assert "L_pre is off" in caplog.text
+
+
+def test_push_to_hub_uses_stubbed_api(assets, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/refl-lora"
+
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda **kw: calls.setdefault("create", kw) and Repo()
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    out = tmp_path / "hub"
+    stats = train_refl.main(
+        _args(
+            assets,
+            out,
+            "--use_lora",
+            "--max_train_steps",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/refl-lora",
+        )
+    )
+    assert calls["create"]["repo_id"] == "me/refl-lora"
+    assert calls["upload"]["repo_id"] == "me/refl-lora" and calls["upload"]["folder_path"] == str(out)
+    assert stats["hub_repo_id"] == "me/refl-lora"
+
+
+def test_two_process_accelerate_launch(assets, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(assets / "rewardmod"), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "training" / "train_refl.py"),
+        "--pretrained_model_name_or_path",
+        str(assets / "tiny-sd"),
+        "--output_dir",
+        str(out),
+        "--train_data_dir",
+        str(assets / "pairs"),
+        "--prompts_file",
+        str(assets / "prompts.txt"),
+        "--reward_class",
+        "refl_test_reward:BrightnessReward",
+        "--resolution",
+        "32",
+        "--center_crop",
+        "--train_batch_size",
+        "1",
+        "--num_inference_steps",
+        "4",
+        "--grad_step_range",
+        "2",
+        "4",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--use_lora",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    state = json.loads((out / "checkpoint-2" / "train_state.json").read_text())
+    assert set(state["data"]) == {"0", "1"}
+    assert json.loads((out / "train_stats.json").read_text())["effective_batch"] == 2
+
+
+def test_clip_reward_through_load_reward(assets, tmp_path):
+    """--reward clip --reward_model_path <tiny CLIP folder>: the script's own reward path, no test reward."""
+    from realign_pipeline._tiny_clip import tiny_clip
+
+    tiny_clip(tmp_path / "clip")
+    args = _args(assets, tmp_path / "clip-run", "--use_lora", "--max_train_steps", "1")
+    args.reward_class, args.reward, args.reward_model_path = None, "clip", str(tmp_path / "clip")
+    stats = train_refl.main(args)
+    assert stats["global_step"] == 1 and np.isfinite(stats["losses"][0]["objective"])
+    assert -1.0 <= stats["losses"][0]["objective"] <= 1.0
+
+
+def test_dataset_name_local_folder(assets, tmp_path):
+    """--dataset_name through `datasets` (an imagefolder on disk, offline); a bad column is a clear error."""
+    pytest.importorskip("datasets")
+    data = tmp_path / "hf"
+    data.mkdir()
+    rows = []
+    for k in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * k, dtype=np.uint8)).save(data / f"{k}.png")
+        rows.append({"file_name": f"{k}.png", "text": f"grey {k}" if k else ""})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = _args(assets, tmp_path / "hf-run", "--use_lora", "--max_train_steps", "2")
+    args.train_data_dir, args.dataset_name = None, str(data)
+    stats = train_refl.main(args)
+    assert stats["global_step"] == 2 and stats["skipped_rows"] >= 1  # the empty caption
+    args.caption_column = "caption"
+    with pytest.raises(DataError, match="--caption_column 'caption' not in dataset"):
+        train_refl.main(args)

@@ -1,0 +1,852 @@
+#!/usr/bin/env python
+"""ReFL fine-tuning of a Stable Diffusion UNet with a reward (RealignDiff Sec. 3.2.1, Eq. 5).
+
+The coarse stage of RealignDiff: each optimizer step runs the ReFL pass (no-grad denoising to a random late
+step, one UNet call with gradient at the scheduler's timestep, x0 predicted directly, VAE decode with
+gradient, hinge on the reward objective) and adds ``L_pre``, the ordinary denoising loss on real
+image-caption pairs::
+
+    loss = reward_weight * relu(reward_margin - objective).mean() + pretrain_loss_weight * L_pre   (Eq. 5)
+
+Flags and habits follow diffusers' ``examples/text_to_image/train_text_to_image_lora.py``. The step math
+lives in ``refl.py`` next to this file; the data readers in ``data.py``. See ``docs/training.md``.
+
+    accelerate launch training/train_refl.py \
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --train_data_dir coco_train --prompts_file coco_captions.txt --reward caption \
+      --use_lora --rank 64 --learning_rate 1e-5 --train_batch_size 4 --gradient_accumulation_steps 4 \
+      --mixed_precision fp16 --max_train_steps 2000 --output_dir refl-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+import torch
+from data import DataError, RowStream, load_pairs, load_prompts, open_image
+from refl import decode, draw_grad_step, hinge_reward_loss, pretrain_loss, refl_latents, refl_step_loss
+
+logger = logging.getLogger("train_refl")
+
+REWARDS = ("caption", "clip", "blip", "imagereward")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="ReFL fine-tuning (RealignDiff coarse stage, Eq. 5).")
+    # model
+    p.add_argument("--pretrained_model_name_or_path", type=str, required=True)
+    p.add_argument("--revision", type=str, default=None)
+    p.add_argument("--variant", type=str, default=None)
+    p.add_argument("--cache_dir", type=str, default=None)
+    # reward
+    p.add_argument("--reward", choices=REWARDS, default="caption")
+    p.add_argument(
+        "--reward_model_path",
+        type=str,
+        default=None,
+        help="Hub id or local folder of the reward's main model (BLIP-2 captioner, CLIP, BLIP-2 ITM, ImageReward).",
+    )
+    p.add_argument(
+        "--reward_text_model_path",
+        type=str,
+        default=None,
+        help="Caption reward: hub id or local folder of the BLIP-2 text encoder (Eq. 4 embeddings).",
+    )
+    p.add_argument(
+        "--reward_objective",
+        type=str,
+        default=None,
+        help="Caption reward: which differentiable objective stands in for Eq. 4 (see docs/rewards.md).",
+    )
+    p.add_argument(
+        "--reward_kwargs",
+        type=str,
+        default=None,
+        help="JSON object of extra keyword arguments for realign_pipeline.rewards.load_reward.",
+    )
+    p.add_argument(
+        "--reward_class",
+        type=str,
+        default=None,
+        help="module:callable returning a custom Reward (same protocol); overrides --reward.",
+    )
+    p.add_argument("--reward_weight", type=float, default=1e-3, help="lambda of Eq. 5 (paper: 1e-3).")
+    p.add_argument(
+        "--reward_margin",
+        type=float,
+        default=1.0,
+        help="Hinge: loss_refl = reward_weight * relu(reward_margin - objective).",
+    )
+    p.add_argument("--num_inference_steps", type=int, default=50, help="T of the ReFL rollout (paper: 50).")
+    p.add_argument(
+        "--grad_step_range",
+        type=int,
+        nargs=2,
+        default=[30, 50],
+        metavar=("LO", "HI"),
+        help="Step index (out of T) at which the gradient is taken, uniform on [LO, HI).",
+    )
+    p.add_argument(
+        "--rollout_guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance in the no-grad rollout (default: off, as ImageReward).",
+    )
+    p.add_argument(
+        "--pretrain_loss_weight", type=float, default=1.0, help="Weight of L_pre (0 allowed, warned)."
+    )
+    # data
+    p.add_argument(
+        "--prompts_file", type=str, default=None, help="Reward prompts: text file, one per line (or .jsonl)."
+    )
+    p.add_argument(
+        "--prompts_dataset", type=str, default=None, help="Reward prompts: a `datasets` name or folder."
+    )
+    p.add_argument("--prompts_column", type=str, default="text")
+    p.add_argument(
+        "--dataset_name", type=str, default=None, help="Image-caption pairs for L_pre (`datasets`)."
+    )
+    p.add_argument("--dataset_config_name", type=str, default=None)
+    p.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Image-caption pairs for L_pre: an imagefolder with metadata.jsonl/metadata.csv.",
+    )
+    p.add_argument("--image_column", type=str, default="image")
+    p.add_argument("--caption_column", type=str, default="text")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    # training
+    p.add_argument("--output_dir", type=str, default="refl-model")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--scale_lr", action="store_true")
+    p.add_argument("--lr_scheduler", type=str, default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-08)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument(
+        "--use_lora", action="store_true", help="Train a LoRA adapter on the UNet (else full fine-tuning)."
+    )
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    p.add_argument(
+        "--use_ema", action="store_true", help="Full fine-tuning only: keep an EMA of the UNet and save it."
+    )
+    p.add_argument("--ema_decay", type=float, default=0.9999)
+    # checkpoints, logging, validation, hub
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".'
+    )
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--report_to", type=str, default="tensorboard")
+    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument(
+        "--validation_steps", type=int, default=None, help="Also validate every N steps (default: end only)."
+    )
+    p.add_argument("--num_validation_images", type=int, default=1)
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_token", type=str, default=None)
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    args = p.parse_args(argv)
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    lo, hi = args.grad_step_range
+    if not 0 <= lo < hi <= args.num_inference_steps:
+        p.error(
+            f"--grad_step_range {lo} {hi} must satisfy 0 <= LO < HI <= --num_inference_steps ({args.num_inference_steps})"
+        )
+    if args.prompts_file and args.prompts_dataset:
+        p.error("give --prompts_file or --prompts_dataset, not both")
+    if args.train_data_dir and args.dataset_name:
+        p.error("give --dataset_name or --train_data_dir, not both")
+    if args.pretrain_loss_weight < 0:
+        p.error("--pretrain_loss_weight must be >= 0")
+    if args.pretrain_loss_weight > 0 and not (args.train_data_dir or args.dataset_name):
+        p.error(
+            "L_pre needs image-caption pairs: give --train_data_dir or --dataset_name (or --pretrain_loss_weight 0)"
+        )
+    if args.use_ema and args.use_lora:
+        p.error("--use_ema is for full fine-tuning; drop it with --use_lora")
+    if args.push_to_hub and args.hub_token is not None:
+        p.error("do not pass --hub_token (it would be logged); run `hf auth login` instead")
+    if args.report_to == "none":
+        args.report_to = None
+    if args.report_to == "tensorboard":
+        import importlib.util
+
+        if (
+            importlib.util.find_spec("tensorboard") is None
+            and importlib.util.find_spec("tensorboardX") is None
+        ):
+            logger.warning(
+                "tensorboard is not installed: logging to tensorboard is off (pip install tensorboard)"
+            )
+            args.report_to = None
+    args.local_rank = env_local_rank
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def check_8bit_adam() -> Any:
+    """``bitsandbytes.optim.AdamW8bit``, or a clear error (it needs the package and a CUDA GPU)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--use_8bit_adam needs a CUDA GPU and bitsandbytes; drop the flag on this machine.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit(
+            "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)."
+        ) from None
+    return bnb.optim.AdamW8bit
+
+
+def make_reward(args: argparse.Namespace):
+    """``realign_pipeline.rewards.load_reward(args.reward, ...)`` with the path flags mapped to its kwargs."""
+    kwargs: dict[str, Any] = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    if args.reward_class:
+        import importlib
+
+        module, _, attr = args.reward_class.partition(":")
+        return getattr(importlib.import_module(module), attr)(**kwargs)
+    from realign_pipeline.rewards import load_reward
+
+    if args.reward == "caption":
+        if args.reward_model_path:
+            kwargs.setdefault("captioner", args.reward_model_path)
+        if args.reward_text_model_path:
+            kwargs.setdefault("text_encoder", args.reward_text_model_path)
+        if args.reward_objective:
+            kwargs.setdefault("objective", args.reward_objective)
+    else:
+        if args.reward_text_model_path or args.reward_objective:
+            raise SystemExit("--reward_text_model_path and --reward_objective are for --reward caption")
+        if args.reward_model_path:
+            kwargs.setdefault("model", args.reward_model_path)
+    return load_reward(args.reward, **kwargs)
+
+
+def image_transform(resolution: int, center_crop: bool, random_flip: bool):
+    """PIL -> (3, R, R) tensor in [-1, 1]: resize shortest side, crop, optional flip (no torchvision)."""
+    import numpy as np
+    from PIL import Image
+
+    def tf(img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        w, h = img.size
+        s = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        if center_crop:
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+        else:
+            left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+            top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+        img = img.crop((left, top, left + resolution, top + resolution))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        if random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x
+
+    return tf
+
+
+def _pair_loader(row: Any):
+    image_value, caption = row
+    if not isinstance(caption, str):
+        caption = caption[0] if isinstance(caption, (list, tuple)) and caption else None
+    if not caption or not caption.strip():
+        return None
+    image = open_image(image_value)
+    if image is None:
+        return None
+    return image, caption.strip()
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """All randomness of one micro-step (noise, drawn step, L_pre timesteps) from (seed, step, rank): a resumed
+    run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
+
+
+def model_card(args: argparse.Namespace, stats: dict, images: list[str]) -> str:
+    kind = (
+        f"LoRA (rank {args.rank})"
+        if args.use_lora
+        else "full UNet fine-tuning" + (" + EMA" if args.use_ema else "")
+    )
+    lines = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {args.pretrained_model_name_or_path}",
+        "tags: [stable-diffusion, text-to-image, diffusers, realigndiff, refl"
+        + (", lora" if args.use_lora else "")
+        + "]",
+        "---",
+        "",
+        f"# ReFL fine-tune of {args.pretrained_model_name_or_path} ({kind})",
+        "",
+        "Trained with `training/train_refl.py` of realign-pipeline (RealignDiff coarse stage, Eq. 5):",
+        "`loss = reward_weight * relu(reward_margin - objective) + pretrain_loss_weight * L_pre`.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    keys = [
+        "reward",
+        "reward_model_path",
+        "reward_text_model_path",
+        "reward_weight",
+        "reward_margin",
+        "num_inference_steps",
+        "grad_step_range",
+        "rollout_guidance_scale",
+        "pretrain_loss_weight",
+        "prompts_file",
+        "prompts_dataset",
+        "dataset_name",
+        "train_data_dir",
+        "resolution",
+        "learning_rate",
+        "lr_scheduler",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "mixed_precision",
+        "seed",
+        "use_lora",
+        "rank",
+        "use_ema",
+    ]
+    lines += [f"| {k} | {getattr(args, k)} |" for k in keys]
+    lines += [
+        f"| effective batch | {stats.get('effective_batch')} |",
+        f"| steps done | {stats.get('global_step')} |",
+        f"| skipped non-finite steps | {stats.get('skipped_nonfinite')} |",
+        f"| skipped bad data rows | {stats.get('skipped_rows')} |",
+        "",
+    ]
+    if images:
+        lines += ["## Validation images", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    if args.use_lora:
+        lines += [
+            "## Use",
+            "",
+            "```python",
+            "from realign_pipeline import RealignDiffPipeline",
+            f'pipe = RealignDiffPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+            'pipe.load_lora_weights("<this folder or repo>")',
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "## Use",
+            "",
+            "```python",
+            "from realign_pipeline import RealignDiffPipeline",
+            'pipe = RealignDiffPipeline.from_pretrained("<this folder or repo>")',
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def push_to_hub(args: argparse.Namespace) -> str:
+    """Create the repo and upload the output folder (checkpoints left out)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of ReFL training",
+        ignore_patterns=["step_*", "epoch_*", "checkpoint-*", "logs/*"],
+    )
+    return repo_id
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(
+    args: argparse.Namespace, reward: Any = None, step_callback: Callable[[int], None] | None = None
+) -> dict:
+    """Train. ``reward`` overrides ``--reward`` (tests); ``step_callback(global_step)`` runs after each step.
+
+    Returns a dict of statistics (``global_step``, ``skipped_nonfinite``, ``skipped_rows``, ``losses``...).
+    """
+    # ---- everything that can fail cheaply fails here, before any model is loaded
+    pairs = (
+        load_pairs(args)
+        if args.pretrain_loss_weight > 0 or args.train_data_dir or args.dataset_name
+        else None
+    )
+    prompts = load_prompts(args, pairs)
+    optimizer_cls = check_8bit_adam() if args.use_8bit_adam else torch.optim.AdamW
+    if reward is None:
+        reward = make_reward(args)  # the reward classes load their models lazily
+
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    log = get_logger("train_refl")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on the CPU (gloo) rather
+    # than as independent single-process runs.
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    if args.pretrain_loss_weight == 0:
+        log.warning(
+            "--pretrain_loss_weight 0: L_pre is off. ReFL without the pre-training loss is known to "
+            "degrade image quality (reward hacking); Eq. 5 keeps it.",
+            main_process_only=True,
+        )
+    seed = args.seed if args.seed is not None else 0
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- models
+    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    rollout_scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+        if args.mixed_precision == "fp16":
+            cast_training_params(unet, dtype=torch.float32)
+    else:
+        unet.requires_grad_(True)
+        unet.train()
+    ema_unet = (
+        EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
+        )
+        if args.use_ema
+        else None
+    )
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    reward.to(accelerator.device, weight_dtype)
+
+    # ---- save/load hooks: checkpoint-N holds only what is trained (LoRA layers or the UNet, + EMA)
+    def save_model_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        for model in models:
+            m = accelerator.unwrap_model(model)
+            if args.use_lora:
+                sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+                StableDiffusionPipeline.save_lora_weights(
+                    output_dir, unet_lora_layers=sd, safe_serialization=True
+                )
+            else:
+                m.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:
+                weights.pop()
+        if ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_model_hook(models, input_dir):
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if args.use_lora:
+                sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                sd = {k.replace("unet.", "", 1): v for k, v in sd.items() if k.startswith("unet.")}
+                incompatible = set_peft_model_state_dict(
+                    model, convert_unet_state_dict_to_peft(sd), adapter_name="default"
+                )
+                if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+                    raise RuntimeError(
+                        f"unexpected LoRA keys in {input_dir}: {incompatible.unexpected_keys[:5]}"
+                    )
+                if args.mixed_precision == "fp16":
+                    cast_training_params([model], dtype=torch.float32)
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.register_to_config(**loaded.config)
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+            ema_unet.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ---- optimizer, scheduler
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    prompt_stream = RowStream(prompts, seed, rank, world)
+    pair_stream = RowStream(pairs, seed + 1, rank, world, load=_pair_loader) if pairs is not None else None
+    transform = image_transform(args.resolution, args.center_crop, args.random_flip)
+
+    if accelerator.is_main_process and args.report_to:
+        cfg = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in vars(args).items()}
+        accelerator.init_trackers("refl", config=cfg)
+
+    # ---- resume: weights (hooks), optimizer, LR scheduler, RNG (accelerate) + data position (ours)
+    global_step, micro_step, skipped_nonfinite = 0, 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            ckpt = args.resume_from_checkpoint
+        else:
+            dirs = (
+                sorted(
+                    (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                    key=lambda d: int(d.split("-")[1]),
+                )
+                if os.path.isdir(args.output_dir)
+                else []
+            )
+            ckpt = os.path.join(args.output_dir, dirs[-1]) if dirs else None
+        if ckpt is None or not os.path.isdir(ckpt):
+            log.warning(f"checkpoint {args.resume_from_checkpoint!r} not found; starting a new run")
+        else:
+            log.info(f"resuming from {ckpt}")
+            accelerator.load_state(ckpt)
+            with open(os.path.join(ckpt, "train_state.json")) as f:
+                state = json.load(f)
+            global_step, micro_step = state["global_step"], state["micro_step"]
+            skipped_nonfinite = state["skipped_nonfinite"]
+            ranks = state["data"]
+            if str(rank) in ranks:
+                prompt_stream.load_state_dict(ranks[str(rank)]["prompts"])
+                if pair_stream is not None and ranks[str(rank)]["pairs"] is not None:
+                    pair_stream.load_state_dict(ranks[str(rank)]["pairs"])
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(accelerator.device)
+        with torch.no_grad():
+            return text_encoder(ids)[0]
+
+    negative = encode([""]) if args.rollout_guidance_scale and args.rollout_guidance_scale > 1 else None
+    latent_hw = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+
+    def save_checkpoint(step: int) -> None:
+        # every process writes its own data position; the main process prunes and saves the state
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+            dirs = sorted(
+                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                key=lambda d: int(d.split("-")[1]),
+            )
+            for d in dirs[: max(0, len(dirs) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(os.path.join(args.output_dir, d))
+        accelerator.wait_for_everyone()
+        accelerator.save_state(ckpt)
+        positions = {
+            "prompts": prompt_stream.state_dict(),
+            "pairs": pair_stream.state_dict() if pair_stream is not None else None,
+        }
+        gathered = [positions]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * world
+            dist.all_gather_object(gathered, positions)
+        if accelerator.is_main_process:
+            with open(os.path.join(ckpt, "train_state.json"), "w") as f:
+                json.dump(
+                    {
+                        "global_step": step,
+                        "micro_step": micro_step,
+                        "skipped_nonfinite": skipped_nonfinite,
+                        "data": {str(r): g for r, g in enumerate(gathered)},
+                    },
+                    f,
+                    indent=1,
+                )
+        accelerator.wait_for_everyone()
+        log.info(f"saved {ckpt}")
+
+    def unwrapped_unet():
+        return accelerator.unwrap_model(unet)
+
+    def validate(step: int) -> list[str]:
+        if not args.validation_prompts or not accelerator.is_main_process:
+            return []
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unwrapped_unet(),
+            scheduler=rollout_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        out_dir = Path(args.output_dir) / "validation"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths, images = [], []
+        g = torch.Generator(device=accelerator.device).manual_seed(seed)
+        with torch.no_grad(), accelerator.autocast():
+            for j, prompt in enumerate(args.validation_prompts):
+                for k in range(args.num_validation_images):
+                    img = pipe(
+                        prompt,
+                        num_inference_steps=args.num_inference_steps,
+                        generator=g,
+                        height=args.resolution,
+                        width=args.resolution,
+                    ).images[0]
+                    name = f"validation/step{step}_{j}_{k}.png"
+                    img.save(Path(args.output_dir) / name)
+                    paths.append(name)
+                    images.append(img)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_images(
+                    "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+                )
+        unwrapped_unet().train()
+        return paths
+
+    # ---- training loop
+    total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
+    log.info(
+        f"ReFL: {len(prompts)} prompts, {len(pairs) if pairs is not None else 0} pairs, effective batch "
+        f"{total_batch}, steps {global_step}->{args.max_train_steps}, T={args.num_inference_steps}, "
+        f"grad step in [{args.grad_step_range[0]}, {args.grad_step_range[1]})"
+    )
+    losses: list[dict] = []
+    unet.train()
+    validation_paths: list[str] = []
+    bad_micro = False
+    while global_step < args.max_train_steps:
+        with accelerator.accumulate(unet):
+            gen = step_generator(seed, micro_step, rank)
+            micro_step += 1
+            batch_prompts = prompt_stream.next_batch(args.train_batch_size)
+            cond = encode(batch_prompts)
+            # ReFL pass (Eq. 5 first term)
+            i = draw_grad_step(args.grad_step_range, args.num_inference_steps, gen)
+            noise = torch.randn(
+                (len(batch_prompts), unwrapped_unet().config.in_channels, latent_hw, latent_hw), generator=gen
+            ).to(accelerator.device, weight_dtype)
+            with accelerator.autocast():
+                out = refl_latents(
+                    unet,
+                    rollout_scheduler,
+                    noise,
+                    cond,
+                    args.num_inference_steps,
+                    i,
+                    guidance_scale=args.rollout_guidance_scale,
+                    negative_hidden_states=None if negative is None else negative.expand_as(cond),
+                )
+                pixels = decode(vae, out.x0.to(weight_dtype))
+                objective = reward.objective(pixels, batch_prompts)
+                loss_refl = hinge_reward_loss(objective, args.reward_margin, args.reward_weight)
+                loss_pre = None
+                if pair_stream is not None and args.pretrain_loss_weight > 0:
+                    rows = pair_stream.next_batch(args.train_batch_size)
+                    px = torch.stack([transform(im, gen) for im, _ in rows]).to(
+                        accelerator.device, weight_dtype
+                    )
+                    with torch.no_grad():
+                        lat = vae.encode(px).latent_dist.sample(generator=None) * vae.config.scaling_factor
+                    loss_pre = pretrain_loss(unet, noise_scheduler, lat, encode([c for _, c in rows]), gen)
+                loss = refl_step_loss(loss_refl, loss_pre, args.pretrain_loss_weight)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                finite = accelerator.reduce(finite.to(accelerator.device), reduction="sum") / world
+            if finite.item() < 1:
+                bad_micro = True
+                # a zero loss through every trained parameter keeps DDP's gradient sync in step on all ranks
+                loss = sum((p * 0).sum() for p in params)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+                if bad_micro or not grads_ok:
+                    skipped_nonfinite += 1
+                    log.warning(
+                        f"step {global_step + 1}: non-finite loss or gradient, step skipped "
+                        f"({skipped_nonfinite} so far)"
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                lr_scheduler.step()
+                bad_micro = False
+        if accelerator.sync_gradients:
+            global_step += 1
+            if ema_unet is not None:
+                ema_unet.step(unwrapped_unet().parameters())
+            logs = {
+                "loss": float(loss.detach()),
+                "loss_refl": float(loss_refl.detach()),
+                "loss_pre": float(loss_pre.detach()) if loss_pre is not None else 0.0,
+                "objective": float(objective.detach().float().mean()),
+                "grad_step_index": out.grad_step,
+                "grad_timestep": out.timestep,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "skipped_nonfinite": skipped_nonfinite,
+                "skipped_rows": prompt_stream.skipped + (pair_stream.skipped if pair_stream else 0),
+            }
+            losses.append(logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validation_paths = validate(global_step)
+            if step_callback is not None:
+                step_callback(global_step)
+
+    # ---- save
+    accelerator.wait_for_everyone()
+    stats = {
+        "global_step": global_step,
+        "micro_step": micro_step,
+        "skipped_nonfinite": skipped_nonfinite,
+        "skipped_rows": prompt_stream.skipped + (pair_stream.skipped if pair_stream else 0),
+        "effective_batch": total_batch,
+        "losses": losses,
+    }
+    if accelerator.is_main_process:
+        final = unwrapped_unet()
+        if args.use_lora:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(final))
+            StableDiffusionPipeline.save_lora_weights(
+                args.output_dir, unet_lora_layers=sd, safe_serialization=True
+            )
+        else:
+            from realign_pipeline import RealignDiffPipeline
+
+            if ema_unet is not None:
+                ema_unet.copy_to(final.parameters())
+            pipe = RealignDiffPipeline.from_pretrained(
+                path,
+                unet=final,
+                revision=rev,
+                variant=var,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+            pipe.save_pretrained(args.output_dir)
+        validation_paths = validate(global_step) or validation_paths
+        Path(args.output_dir, "README.md").write_text(
+            model_card(args, stats, validation_paths), encoding="utf-8"
+        )
+        Path(args.output_dir, "train_stats.json").write_text(
+            json.dumps({k: v for k, v in stats.items() if k != "losses"}, indent=1), encoding="utf-8"
+        )
+        if args.push_to_hub:
+            stats["hub_repo_id"] = push_to_hub(args)
+    accelerator.end_training()
+    return stats
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from None
