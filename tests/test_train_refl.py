@@ -246,7 +246,19 @@ def test_full_finetune_writes_loadable_pipeline(assets, tmp_path):
     from realign_pipeline import RealignDiffPipeline
 
     out = tmp_path / "full"
-    stats = train_refl.main(_args(assets, out, "--max_train_steps", "2", "--use_ema", "--ema_decay", "0.5"))
+    stats = train_refl.main(
+        _args(
+            assets,
+            out,
+            "--max_train_steps",
+            "2",
+            "--use_ema",
+            "--ema_decay",
+            "0.5",
+            "--gradient_checkpointing",
+            "--vae_gradient_checkpointing",
+        )
+    )
     assert stats["global_step"] == 2
     assert all(np.isfinite(r["loss"]) for r in stats["losses"])
     base = RealignDiffPipeline.from_pretrained(

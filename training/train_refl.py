@@ -137,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--vae_gradient_checkpointing",
+        action="store_true",
+        help="Also checkpoint the VAE (its decoder runs with gradient in the ReFL pass).",
+    )
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--scale_lr", action="store_true")
     p.add_argument("--lr_scheduler", type=str, default="constant")
@@ -488,6 +493,8 @@ def main(
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.vae_gradient_checkpointing:
+        vae.enable_gradient_checkpointing()  # the decode in the ReFL pass carries a gradient
 
     reward.to(accelerator.device, weight_dtype)
 
@@ -596,8 +603,21 @@ def main(
         else:
             log.info(f"resuming from {ckpt}")
             accelerator.load_state(ckpt)
-            with open(os.path.join(ckpt, "train_state.json")) as f:
-                state = json.load(f)
+            state_file = os.path.join(ckpt, "train_state.json")
+            if os.path.isfile(state_file):
+                with open(state_file) as f:
+                    state = json.load(f)
+            else:  # killed between save_state and writing the data position
+                step = int(os.path.basename(os.path.normpath(ckpt)).split("-")[-1])
+                log.warning(
+                    f"{state_file} missing: data position unknown, restarting the data order at step {step}"
+                )
+                state = {
+                    "global_step": step,
+                    "micro_step": step * args.gradient_accumulation_steps,
+                    "skipped_nonfinite": 0,
+                    "data": {},
+                }
             global_step, micro_step = state["global_step"], state["micro_step"]
             skipped_nonfinite = state["skipped_nonfinite"]
             ranks = state["data"]
@@ -747,7 +767,7 @@ def main(
                         accelerator.device, weight_dtype
                     )
                     with torch.no_grad():
-                        lat = vae.encode(px).latent_dist.sample(generator=None) * vae.config.scaling_factor
+                        lat = vae.encode(px).latent_dist.sample(generator=gen) * vae.config.scaling_factor
                     loss_pre = pretrain_loss(unet, noise_scheduler, lat, encode([c for _, c in rows]), gen)
                 loss = refl_step_loss(loss_refl, loss_pre, args.pretrain_loss_weight)
             finite = torch.isfinite(loss.detach()).float()
