@@ -453,3 +453,15 @@ def test_dataset_name_local_folder(assets, tmp_path):
     args.caption_column = "caption"
     with pytest.raises(DataError, match="--caption_column 'caption' not in dataset"):
         train_refl.main(args)
+
+
+def test_bench_refl_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_refl
+
+    result = bench_refl.main(["--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "b.json")])
+    assert set(result["configs"]) == {"lora", "full"}
+    lora, full = result["configs"]["lora"], result["configs"]["full"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"]
+    assert lora["drawn_grad_steps"] == full["drawn_grad_steps"]
+    assert json.loads((tmp_path / "b.json").read_text())["shape"] == "tiny"
