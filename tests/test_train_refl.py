@@ -465,3 +465,35 @@ def test_bench_refl_smoke(tmp_path):
     assert 0 < lora["trainable_params"] < full["trainable_params"]
     assert lora["drawn_grad_steps"] == full["drawn_grad_steps"]
     assert json.loads((tmp_path / "b.json").read_text())["shape"] == "tiny"
+
+
+def test_full_finetune_with_ema_resumes(assets, tmp_path):
+    out = tmp_path / "full-resume"
+    extra = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--use_ema", "--ema_decay", "0.5"]
+    first = train_refl.main(_args(assets, out, *extra))
+    assert first["global_step"] == 2
+    assert (out / "checkpoint-2" / "unet" / "config.json").is_file()
+    assert (out / "checkpoint-2" / "unet_ema" / "config.json").is_file()
+    args = _args(assets, out, *extra, "--resume_from_checkpoint", "latest")
+    args.max_train_steps = 3
+    resumed = train_refl.main(args)
+    assert resumed["global_step"] == 3 and len(resumed["losses"]) == 1
+    assert np.isfinite(resumed["losses"][0]["loss"])
+
+
+def test_prompts_dataset_through_datasets(assets, tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        "\n".join(json.dumps({"caption": c}) for c in ["a green frog", "", "a small house"])
+    )
+    args = _args(assets, tmp_path / "pd", "--use_lora", "--max_train_steps", "1")
+    args.prompts_file, args.prompts_dataset, args.prompts_column = None, str(folder), "caption"
+    from data import load_pairs, load_prompts
+
+    assert load_prompts(args, load_pairs(args)) == ["a green frog", "a small house"]
+    assert train_refl.main(args)["global_step"] == 1
+    args.prompts_column = "text"
+    with pytest.raises(DataError, match="--prompts_column 'text'"):
+        train_refl.main(args)
