@@ -46,6 +46,16 @@ class BrightnessReward:
 '''
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; in-process runs with other settings need it reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from diffusers import StableDiffusionPipeline
@@ -497,3 +507,24 @@ def test_prompts_dataset_through_datasets(assets, tmp_path):
     args.prompts_column = "text"
     with pytest.raises(DataError, match="--prompts_column 'text'"):
         train_refl.main(args)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_accumulation_guided_rollout_and_precision(assets, tmp_path, precision):
+    stats = train_refl.main(
+        _args(
+            assets,
+            tmp_path / precision,
+            "--use_lora",
+            "--max_train_steps",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--rollout_guidance_scale",
+            "3.0",
+            "--mixed_precision",
+            precision,
+        )
+    )
+    assert stats["global_step"] == 2 and stats["micro_step"] == 4 and stats["effective_batch"] == 4
+    assert all(np.isfinite(r["loss"]) for r in stats["losses"])
