@@ -19,7 +19,7 @@ from realign_pipeline.rewards import (
     load_reward,
 )
 
-WORDS = "a an the red green blue yellow circle square triangle star left right above below of and on".split()
+WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "left", "right", "above", "below", "of", "and", "on"]
 PROMPTS = ["a red circle", "a blue square"]
 
 

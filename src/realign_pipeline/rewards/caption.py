@@ -263,7 +263,9 @@ class CaptionReward:
         return lp.sum(1) / mask.sum(1).to(lp.dtype)
 
     def _sample(self, pixel_values: torch.Tensor, num_samples: int, seed: int | None) -> torch.Tensor:
-        kwargs = dict(do_sample=True, num_return_sequences=num_samples, top_k=0, top_p=1.0, temperature=1.0)
+        kwargs = {
+            "do_sample": True, "num_return_sequences": num_samples, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
+        }
         if seed is None:
             return self.generate_ids(pixel_values.detach(), **kwargs)
         devices = [pixel_values.device] if pixel_values.device.type == "cuda" else []

@@ -31,7 +31,7 @@ _STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _import_image_reward():
     try:
-        import ImageReward  # noqa: N813
+        import ImageReward
     except ImportError as e:
         raise ImportError(IMAGEREWARD_MISSING) from e
     return ImageReward
