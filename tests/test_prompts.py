@@ -3,14 +3,11 @@
 import json
 import re
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
 from realign_pipeline.evaluation import PromptRecord, available_prompt_sets, load_prompts
 from realign_pipeline.evaluation.prompts import DRAWBENCH_ENV
-
-SHARED_DRAWBENCH = Path(__file__).resolve().parents[1] / "../shared/data/prompts/DrawBench.csv"
 
 T2I_VAL = ["color", "shape", "texture", "spatial", "non-spatial", "complex", "3d-spatial", "numeracy"]
 
@@ -233,10 +230,3 @@ def test_drawbench_needs_a_user_file(tmp_path, monkeypatch):
     assert records[0].set == "drawbench" and records[0].metadata == {"category": "Colors"}
     monkeypatch.setenv(DRAWBENCH_ENV, str(p))
     assert len(load_prompts("drawbench")) == 2
-
-
-@pytest.mark.skipif(not SHARED_DRAWBENCH.is_file(), reason="the shared DrawBench.csv is not in this checkout")
-def test_drawbench_real_file():
-    records = load_prompts("drawbench", path=SHARED_DRAWBENCH)
-    assert len(records) == 200
-    assert len({r.metadata["category"] for r in records}) == 11
