@@ -24,6 +24,8 @@ __all__ = [
     "attention_grid",
     "colorize",
     "display_size",
+    "figure6_panel",
+    "figure7_maps",
     "heatmap",
     "overlay_layout",
     "region_box",
@@ -265,3 +267,59 @@ def attention_grid(
         if show_difference:
             draw.text((padding, top + 3 * line_h), f"diff +/-{limit:.2g}", fill=_TEXT, font=_font())
     return grid
+
+
+def _titled(image: Image.Image, title: str, padding: int = 6) -> Image.Image:
+    """`image` under a one-line title on a white strip."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_h = _text_size(probe, "Ag")[1] + padding
+    canvas = Image.new("RGB", (image.width, image.height + title_h), _BACKGROUND)
+    ImageDraw.Draw(canvas).text((2, padding // 2 - 1), title, fill=_TEXT, font=_font())
+    canvas.paste(image.convert("RGB"), (0, title_h))
+    return canvas
+
+
+def figure6_panel(
+    coarse: Image.Image,
+    layout_regions: Layout | Sequence[Region],
+    final: Image.Image,
+    min_side: int = 256,
+    padding: int = 6,
+    titles: tuple[str, str, str] = ("coarse", "dense caption (phrase, score)", "re-aligned"),
+) -> Image.Image:
+    """The paper's Figure 6 as one picture: ``coarse image | layout masks over it | final image``.
+
+    The middle panel is :func:`overlay_layout` of `layout_regions` (a ``Layout``, a ``ResolvedLayout.regions``
+    list or any regions) over the coarse image, each region labeled with its phrase and score. All three are
+    enlarged alike (nearest neighbour, :func:`display_size`) so that the shorter side is at least `min_side`.
+    """
+    size = display_size(coarse.size, min_side) if min_side else coarse.size
+    cells = [
+        coarse.convert("RGB").resize(size, Image.Resampling.NEAREST),
+        overlay_layout(coarse, list(layout_regions), min_side=0 if size == coarse.size else min_side).resize(size),
+        final.convert("RGB").resize(size, Image.Resampling.NEAREST),
+    ]
+    cells = [_titled(cell, title, padding) for cell, title in zip(cells, titles)]
+    width = sum(cell.width for cell in cells) + padding * (len(cells) + 1)
+    height = max(cell.height for cell in cells) + 2 * padding
+    panel = Image.new("RGB", (width, height), _BACKGROUND)
+    x = padding
+    for cell in cells:
+        panel.paste(cell, (x, padding))
+        x += cell.width + padding
+    return panel
+
+
+def figure7_maps(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    words: Sequence[str],
+    image_size: tuple[int, int] | int,
+    titles: tuple[str, str] = ("before re-alignment", "after re-alignment"),
+    boxes: Mapping[str, tuple[Box | None, Color]] | None = None,
+) -> Image.Image:
+    """The paper's Figure 7: per word, its cross-attention map before and after re-alignment side by side
+    (and their difference), on one color scale per word. A thin wrapper of :func:`attention_grid`."""
+    if not words:
+        raise ValueError("figure7_maps needs at least one word")
+    return attention_grid(before, after, list(words), image_size, titles=titles, boxes=boxes)
