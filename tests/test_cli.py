@@ -13,7 +13,9 @@ from realign_pipeline import Layout, Region, __version__
 from realign_pipeline.cli import DEMO_REGIONS, main
 from realign_pipeline.visualize import attention_grid, display_size, heatmap, overlay_layout, region_box
 
-DEMO_FILES = ("plain.png", "realigned.png", "layout.json", "layout.png", "attention_maps.png", "summary.json")
+DEMO_FILES = (
+    "plain.png", "realigned.png", "layout.json", "layout.png", "attention_maps.png", "panel.png", "summary.json"
+)
 
 
 def _not_blank(path) -> Image.Image:
@@ -104,7 +106,7 @@ def test_demo_prints_table_and_summary_line(tmp_path, capsys):
     assert "note: phrases ['dog'] are not in the prompt" in text
     assert "cat " in text and "dog " in text and "realigned" in text
     last = text.strip().splitlines()[-1]
-    assert last.startswith(f"wrote 6 files to {out}/") and all(f"{s} " in last for s in ("load", "plain", "realigned", "pictures"))
+    assert last.startswith(f"wrote 7 files to {out}/") and all(f"{s} " in last for s in ("load", "plain", "realigned", "pictures"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["encoded_prompt"] == "a cat, dog" and summary["appended_phrases"] == ["dog"]
     assert [row["area"] for row in summary["phrases"]] == pytest.approx([0.5, 0.5])
