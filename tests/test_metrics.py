@@ -188,3 +188,79 @@ def test_caption_reward_score_is_eq4(paths):
     assert all(-1 - 1e-6 <= s <= 1 + 1e-6 for s in m.scores["caption_reward"])
     m.reset()
     assert m.captions == [] and m.compute()["count"] == 0
+
+
+# --- Fréchet distance --------------------------------------------------------------------------------------
+from realign_pipeline.evaluation.fid import (  # noqa: E402
+    FrechetDistance,
+    feature_statistics,
+    frechet_distance,
+    image_files,
+)
+
+
+def _independent_fd(x: np.ndarray, y: np.ndarray) -> float:
+    """Another route: np.cov, and tr((S1 S2)^1/2) from the (real, >= 0) eigenvalues of the non-symmetric S1 S2."""
+    m1, m2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ev = np.linalg.eigvals(s1 @ s2)
+    tr = np.sqrt(np.clip(ev.real, 0, None)).sum()
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+def test_frechet_distance_matches_independent_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    mu1, s1 = feature_statistics(torch.from_numpy(a))
+    mu2, s2 = feature_statistics(torch.from_numpy(b))
+    np.testing.assert_allclose(s1.numpy(), np.cov(a, rowvar=False), atol=1e-10)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_independent_fd(a, b), rel=1e-8)
+    # closed form for diagonal covariances: sum (mu1 - mu2)^2 + (sqrt(v1) - sqrt(v2))^2
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    d1, d2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = ((d1 - d2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert frechet_distance(d1, np.diag(v1), d2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_self_zero_and_shifted_mean():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(64, 8)))
+    fd = FrechetDistance()
+    fd.update_real(x)
+    fd.update(x[:20])  # batching: two updates = one
+    fd.update(x[20:])
+    r = fd.compute()
+    assert r["count"] == r["count_real"] == 64 and abs(r["value"]) < 1e-8
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0, 0.0, 3.0, 0.0], dtype=torch.float64)
+    fd.reset()  # keeps the real features
+    fd.update(x + shift)  # equal covariances: the distance is ||mu1 - mu2||^2
+    assert fd.compute()["value"] == pytest.approx(float(shift @ shift), rel=1e-8)
+    fd.reset(real=True)
+    assert fd.count_real == 0 and math.isnan(fd.compute()["value"])
+    with pytest.raises(ValueError, match="no feature_extractor"):
+        fd.update(_images(2))
+    # singular covariances (fewer rows than dimensions) stay finite and non-negative
+    y = torch.from_numpy(rng.normal(size=(5, 16)))
+    m, s = feature_statistics(y)
+    assert frechet_distance(m, s, m, s) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_with_clip_extractor_and_folder(paths, tmp_path):
+    images = _images(6, seed=7)
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i:012d}.png")
+    fd = FrechetDistance.from_pretrained(paths["clip"])
+    assert fd.update_real_folder(tmp_path, batch_size=4) == 6
+    fd.update(images[:3], PROMPTS[:3])
+    fd.update(images[3:])
+    r = fd.compute()
+    assert r["model"] == f"clip:{paths['clip']}" and abs(r["value"]) < 1e-6  # identical sets: ~0
+    fd.reset()
+    fd.update(_images(6, seed=8))
+    assert fd.compute()["value"] > 1e-4
+    assert [p.name for p in image_files(tmp_path, ["000000000002", "000000000000.png"])] == [
+        "000000000002.png", "000000000000.png",
+    ]
+    with pytest.raises(FileNotFoundError, match="1 images not found"):
+        image_files(tmp_path, ["000000000099"])
