@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from realign_pipeline._tiny_blip2 import tiny_blip2_captioner, tiny_blip2_itm
 from realign_pipeline._tiny_clip import tiny_clip
+from realign_pipeline.evaluation.fid import FrechetDistance, feature_statistics, frechet_distance, image_files
 from realign_pipeline.evaluation.metrics import (
     CLIP_VIT_B_32,
     METRICS,
@@ -45,11 +46,11 @@ def _images(n=4, seed=0, size=40):
 
 def _assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], float):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k  # float32 batch-size rounding
+    for k, v in a.items():
+        if isinstance(v, float):
+            assert v == pytest.approx(b[k], rel=1e-5, abs=1e-6), k  # float32 batch-size rounding
         else:
-            assert a[k] == b[k], k
+            assert v == b[k], k
 
 
 def test_clip_score_fields_ranges_and_model(paths):
@@ -191,12 +192,6 @@ def test_caption_reward_score_is_eq4(paths):
 
 
 # --- Fréchet distance --------------------------------------------------------------------------------------
-from realign_pipeline.evaluation.fid import (  # noqa: E402
-    FrechetDistance,
-    feature_statistics,
-    frechet_distance,
-    image_files,
-)
 
 
 def _independent_fd(x: np.ndarray, y: np.ndarray) -> float:
