@@ -5,9 +5,9 @@
     python examples/prompt_sets.py abc6k --limit 5 --seed 0
     python examples/prompt_sets.py my_prompts.txt        # a .txt / .csv / .tsv / .jsonl file of your own
 
-Not built yet: the metrics and ``realigndiff evaluate`` (scoring generated images on a prompt set and
-printing the paper's table) do not exist in the package yet; this script only loads and inspects the
-prompts (see docs/evaluation.md). Everything here is offline (the sets ship with the package); ``--tiny``
+Not built yet: ``realigndiff evaluate`` (generate a prompt set, score it and print the paper's tables) does
+not exist yet. The metrics do (``realign_pipeline.evaluation.metrics``, ``evaluation.fid``, see
+docs/evaluation.md); this script only loads and inspects the prompts. Everything here is offline (the sets ship with the package); ``--tiny``
 is accepted for symmetry with the other examples and changes nothing.
 """
 
