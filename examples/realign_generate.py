@@ -19,7 +19,13 @@ import tempfile
 import torch
 
 from realign_pipeline import Layout, RealignDiffPipeline
-from realign_pipeline.captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder, OpenAIChat, RuleBasedLLM
+from realign_pipeline.captioner import (
+    ClipTagger,
+    DenseCaptioner,
+    GroundingDinoSamGrounder,
+    OpenAIChat,
+    RuleBasedLLM,
+)
 
 
 def main(argv=None):

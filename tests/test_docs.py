@@ -27,7 +27,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 SKIP_WITH_REASON = re.compile(r"<!--\s*docs-test:\s*skip\s*\(\s*\S[^)]*\)\s*-->")
 PROMPT = "a red book and a yellow vase"
@@ -157,7 +157,7 @@ def test_python_blocks_run(path, redirected):
             continue
         with _quiet():
             try:
-                exec(compile(on_cpu(code), f"{path.name}:{line}", "exec"), namespace)
+                exec(compile(on_cpu(code), f"{path.name}:{line}", "exec"), namespace)  # noqa: S102 (the docs themselves)
             except Exception as error:
                 raise AssertionError(f"{path.relative_to(ROOT)} block at line {line} failed: {error!r}") from error
         ran += 1
