@@ -448,7 +448,7 @@ def test_clip_reward_through_load_reward(assets, tmp_path):
 
 def test_dataset_name_local_folder(assets, tmp_path):
     """--dataset_name through `datasets` (an imagefolder on disk, offline); a bad column is a clear error."""
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (a dev dependency: the test must run, not skip)
     data = tmp_path / "hf"
     data.mkdir()
     rows = []
@@ -492,7 +492,7 @@ def test_full_finetune_with_ema_resumes(assets, tmp_path):
 
 
 def test_prompts_dataset_through_datasets(assets, tmp_path):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (a dev dependency: the test must run, not skip)
     folder = tmp_path / "prompts"
     folder.mkdir()
     (folder / "train.jsonl").write_text(
