@@ -203,3 +203,21 @@ def test_attention_grid_rows_and_missing_word():
     assert grid.height > 2 * 32 and grid.width > 2 * 32
     with pytest.raises(KeyError, match="dog"):
         attention_grid(before, after, ["dog"], 32)
+
+
+def test_demo_as_a_user_runs_it(tmp_path):
+    """The console entry point in a fresh process, as `make demo` runs it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--out", str(tmp_path), "--steps", "2", "-q"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("plain.png", "realigned.png", "panel.png", "attention_maps.png", "layout.json", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    _not_blank(tmp_path / "panel.png")
+    assert "RANDOM" in result.stdout.upper()
