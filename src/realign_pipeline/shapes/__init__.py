@@ -1,0 +1,25 @@
+"""The shapes world (issue 7): procedural scenes, classical perception, a checker, and trained tiny models."""
+
+from .world import (
+    COLORS,
+    HELD_OUT_PAIRINGS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    render_scene,
+    sample_scene,
+    test_prompts,
+    train_batch,
+)
+
+__all__ = [
+    "COLORS",
+    "HELD_OUT_PAIRINGS",
+    "SHAPES",
+    "Scene",
+    "ShapeObject",
+    "render_scene",
+    "sample_scene",
+    "test_prompts",
+    "train_batch",
+]
