@@ -32,6 +32,7 @@ __all__ = [
     "UnitScoreCaptioner",
     "build_captioner",
     "build_pipeline",
+    "check_checkpoint",
     "load_config",
 ]
 
@@ -342,6 +343,20 @@ def _load_unet(path: str, dtype):
     return UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
 
 
+def check_checkpoint(config: EvalConfig) -> None:
+    """Raise ``ValueError`` when a ReFL preset has no checkpoint or a local LoRA / UNet path does not exist."""
+    if config.requires_checkpoint and not (config.lora or config.unet):
+        raise ValueError(
+            f"config {config.name!r} needs a ReFL checkpoint: set lora (a LoRA folder or hub id) or unet (a fine-tuned "
+            "UNet or pipeline folder), e.g. --lora outputs/refl-lora or --unet outputs/refl-full."
+        )
+    for key in ("lora", "unet"):
+        value = getattr(config, key)
+        looks_local = value and (value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value)
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"{key} {value}: no such file or folder (a hub id is written owner/name).")
+
+
 def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: Any = None, captioner: Any = None):
     """The pipeline of `config` on `device`, ready to call with :meth:`EvalConfig.call_kwargs`.
 
@@ -360,16 +375,7 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
     config = load_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _dtype(config, device, dtype)
-    if config.requires_checkpoint and not (config.lora or config.unet):
-        raise ValueError(
-            f"config {config.name!r} needs a ReFL checkpoint: set lora (a LoRA folder or hub id) or unet (a fine-tuned "
-            "UNet or pipeline folder), e.g. --lora outputs/refl-lora or --unet outputs/refl-full."
-        )
-    for key in ("lora", "unet"):
-        value = getattr(config, key)
-        looks_local = value and (value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value)
-        if looks_local and not Path(value).expanduser().exists():
-            raise ValueError(f"{key} {value}: no such file or folder (a hub id is written owner/name).")
+    check_checkpoint(config)
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if config.unet:
         load_kwargs["unet"] = _load_unet(config.unet, torch_dtype)

@@ -35,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .configs import EvalConfig, build_pipeline, load_config
+from .configs import EvalConfig, build_pipeline, check_checkpoint, load_config
 from .prompts import PromptRecord
 
 __all__ = [
@@ -255,6 +255,8 @@ def generate_images(
     if not records:
         raise ValueError("no prompts to generate.")
     mine = _shard(len(records), process_index, num_processes)
+    if pipeline is None:
+        check_checkpoint(config)  # before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / _PARTIAL
