@@ -259,3 +259,14 @@ def test_frechet_distance_with_clip_extractor_and_folder(paths, tmp_path):
     ]
     with pytest.raises(FileNotFoundError, match="1 images not found"):
         image_files(tmp_path, ["000000000099"])
+
+
+def test_tiny_itm_tokenizer_is_the_real_bert_vocabulary(paths):
+    # A tokenizer that maps every word to [UNK] would make every ITM/ITC text identical.
+    from transformers import Blip2Processor
+
+    tokenizer = Blip2Processor.from_pretrained(paths["itm"]).tokenizer
+    ids = tokenizer("a red circle and a blue square").input_ids
+    assert len(tokenizer) == 30522
+    assert tokenizer.unk_token_id not in ids
+    assert len(set(ids)) == len(ids) - 1  # only "a" repeats

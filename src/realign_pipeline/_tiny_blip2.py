@@ -80,11 +80,12 @@ def tiny_opt_tokenizer(words=None):
 
 
 def _bert_tokenizer():
-    from transformers import BertTokenizerFast
+    """The real BERT uncased WordPiece tokenizer (30,522 tokens), built offline; 64 tokens at most."""
+    from ._tiny_grounding import bert_tokenizer
 
-    vocab_path = resources.files("realign_pipeline").joinpath("assets", "bert_base_uncased_vocab.txt")
-    with resources.as_file(vocab_path) as path:
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True, model_max_length=64)
+    tokenizer = bert_tokenizer()
+    tokenizer.model_max_length = 64
+    return tokenizer
 
 
 def _image_processor(image_size: int):

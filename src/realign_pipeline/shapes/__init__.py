@@ -8,7 +8,7 @@ from .world import (
     ShapeObject,
     render_scene,
     sample_scene,
-    test_prompts,
+    held_out_prompts,
     train_batch,
 )
 
@@ -20,6 +20,6 @@ __all__ = [
     "ShapeObject",
     "render_scene",
     "sample_scene",
-    "test_prompts",
+    "held_out_prompts",
     "train_batch",
 ]

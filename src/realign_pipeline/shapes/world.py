@@ -7,7 +7,7 @@ the same way at any size.
 
 Held-out split (``HELD_OUT_PAIRINGS``): a fixed, seeded 20% of the two-object pairings (unordered pairs of
 colored objects with different colors and different shapes) never appear in training scenes, in any caption
-form; every single colored object still does. Test prompts (:func:`test_prompts`) are those pairings in every
+form; every single colored object still does. Test prompts (:func:`held_out_prompts`) are those pairings in every
 caption form, so a test measures composition the model has not seen, which is where binding fails.
 """
 
@@ -36,7 +36,7 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "shape_mask",
-    "test_prompts",
+    "held_out_prompts",
     "train_batch",
 ]
 
@@ -95,27 +95,31 @@ class Scene:
         return {"caption": self.caption, "form": self.form, "objects": [asdict(o) for o in self.objects]}
 
 
-def all_pairings() -> list[tuple[tuple[str, str], tuple[str, str]]]:
-    """Every unordered pair of colored objects with different colors and different shapes, canonically ordered."""
+def _canonical(a: tuple[str, str], b: tuple[str, str]) -> tuple[tuple[str, str], tuple[str, str]]:
+    return (a, b) if a <= b else (b, a)
+
+
+def _pairings_in_palette_order() -> list[tuple[tuple[str, str], tuple[str, str]]]:
     objects = [(c, s) for c in COLORS for s in SHAPES]
-    pairs = [
-        (a, b) for a, b in itertools.combinations(objects, 2) if a[0] != b[0] and a[1] != b[1]
-    ]
-    return sorted(pairs)
+    return sorted((a, b) for a, b in itertools.combinations(objects, 2) if a[0] != b[0] and a[1] != b[1])
+
+
+def all_pairings() -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Every unordered pair of colored objects with different colors and different shapes, each pair in
+    canonical (alphabetical) order, sorted."""
+    return sorted(_canonical(a, b) for a, b in _pairings_in_palette_order())
 
 
 def _held_out_pairings() -> frozenset[tuple[tuple[str, str], tuple[str, str]]]:
-    pairs = all_pairings()
+    # Sampled from the palette-ordered list (the order the shipped models were trained with), then made
+    # canonical so membership tests do not depend on the order of the two objects.
+    pairs = _pairings_in_palette_order()
     rng = random.Random(SPLIT_SEED)
     count = round(HELD_OUT_FRACTION * len(pairs))
-    return frozenset(rng.sample(pairs, count))
+    return frozenset(_canonical(a, b) for a, b in rng.sample(pairs, count))
 
 
 HELD_OUT_PAIRINGS = _held_out_pairings()
-
-
-def _canonical(a: tuple[str, str], b: tuple[str, str]) -> tuple[tuple[str, str], tuple[str, str]]:
-    return (a, b) if a <= b else (b, a)
 
 
 def is_held_out(scene_or_objects: Scene | tuple[ShapeObject, ...] | list[ShapeObject]) -> bool:
@@ -159,6 +163,8 @@ def sample_scene(
         num_objects = 2 if split == "test" or pairing is not None else rng.choice((1, 2, 2))
     if num_objects not in (1, 2):
         raise ValueError(f"the shapes world draws one or two objects, not {num_objects}")
+    if pairing is not None and num_objects != 2:
+        raise ValueError("a pairing needs num_objects=2")
     if split == "test" and num_objects != 2:
         raise ValueError("test scenes are two-object scenes with a held-out pairing")
     size = [rng.uniform(MIN_SIZE_FRACTION, MAX_SIZE_FRACTION) for _ in range(num_objects)]
@@ -239,7 +245,7 @@ def train_batch(rng: random.Random, batch_size: int, size: int = 32) -> tuple[np
     return images, [s.caption for s in scenes], scenes
 
 
-def test_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def held_out_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Every held-out pairing in every caption form (both orders of mention for the symmetric forms).
 
     Each record: ``{"prompt", "form", "objects": [{"color", "shape", "side"}]}`` where side is "left",
