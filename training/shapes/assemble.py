@@ -1,0 +1,86 @@
+"""Assemble the trained shapes-world models into the folders the package ships (fp16 safetensors).
+
+    python training/shapes/assemble.py --runs runs/shapes --out src/realign_pipeline/assets/shapes
+
+Writes ``pipeline/`` (a `RealignDiffPipeline` folder: vae, text_encoder, tokenizer, unet, DDIM scheduler and
+the shapes dense captioner's settings), ``clip/`` (the whole small CLIP), ``blip2-captioner/`` and
+``blip2-itm/`` when those runs exist, and ``training_summary.json`` (steps, final losses, wall time per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from train_unet import SCHEDULER_CONFIG
+from transformers import (
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+from realign_pipeline import RealignDiffPipeline
+
+
+def _summary(run: Path) -> dict:
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    losses = [x for x in lines if "loss" in x]
+    last = {k: v for x in lines[-4:] for k, v in x.items()}
+    return {"steps": losses[-1]["step"] if losses else 0, "wall_s": lines[-1]["elapsed_s"] if lines else 0,
+            "last": last, "log": str(run / "log.jsonl")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    runs, out = Path(args.runs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from realign_pipeline.shapes.perception import shapes_dense_captioner
+
+    pipe = RealignDiffPipeline(
+        vae=AutoencoderKL.from_pretrained(runs / "vae" / "final"),
+        text_encoder=CLIPTextModel.from_pretrained(runs / "clip" / "final"),
+        tokenizer=CLIPTokenizer.from_pretrained(runs / "clip" / "final"),
+        unet=UNet2DConditionModel.from_pretrained(runs / "unet" / "final"),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dense_captioner=shapes_dense_captioner(),
+    )
+    pipe.to(torch.float16)
+    shutil.rmtree(out / "pipeline", ignore_errors=True)
+    pipe.save_pretrained(out / "pipeline")
+    summary = {"pipeline": {name: _summary(runs / name) for name in ("vae", "clip", "unet")}}
+
+    clip = CLIPModel.from_pretrained(runs / "clip" / "final").to(torch.float16)
+    shutil.rmtree(out / "clip", ignore_errors=True)
+    clip.save_pretrained(out / "clip")
+    CLIPTokenizer.from_pretrained(runs / "clip" / "final").save_pretrained(out / "clip")
+    CLIPImageProcessor.from_pretrained(runs / "clip" / "final").save_pretrained(out / "clip")
+
+    for name, cls in (("blip2-captioner", Blip2ForConditionalGeneration), ("blip2-itm", Blip2ForImageTextRetrieval)):
+        final = runs / name / "final"
+        if not final.exists():
+            continue
+        shutil.rmtree(out / name, ignore_errors=True)
+        cls.from_pretrained(final).to(torch.float16).save_pretrained(out / name)
+        Blip2Processor.from_pretrained(final).save_pretrained(out / name)
+        summary[name] = _summary(runs / name)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
