@@ -38,6 +38,16 @@ def _summary(run: Path) -> dict:
             "last": last, "log": str(run / "log.jsonl")}
 
 
+def _load_as_float32(folder: Path) -> None:
+    """Weights stay fp16 on disk; ``from_pretrained`` without ``torch_dtype`` gives float32, which the CPU needs."""
+    for config in folder.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.get("dtype") == "float16" or data.get("torch_dtype") == "float16":
+            data["dtype"] = "float32"
+            data.pop("torch_dtype", None)
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True)
@@ -77,6 +87,7 @@ def main() -> None:
         cls.from_pretrained(final).to(torch.float16).save_pretrained(out / name)
         Blip2Processor.from_pretrained(final).save_pretrained(out / name)
         summary[name] = _summary(runs / name)
+    _load_as_float32(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
