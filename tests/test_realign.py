@@ -158,7 +158,8 @@ def test_batches_get_one_layout_per_image_and_user_layouts_win(pipe):
     prompts = [PROMPT, "a cat on a mat"]
     user = Layout([Region("cat", box=[0.25, 0.25, 0.75, 0.75])])
     out = run(pipe, prompts, num_images_per_prompt=2, realign=True, layout=[None, user])
-    assert pipe.dense_captioner.tagger.calls == [[PROMPT, PROMPT]]  # the user's layout is not re-captioned
+    # one call per image (the progress bar moves per image); the user's layout is not re-captioned
+    assert pipe.dense_captioner.tagger.calls == [[PROMPT], [PROMPT]]
     assert out.realigned == [True, True, True, True]
     assert [r.phrase for r in out.layouts[3].regions] == ["cat"]
     assert len(out.images) == len(out.coarse_images) == 4
@@ -214,3 +215,13 @@ def test_regions_carry_their_provenance_and_defaults_are_the_papers_parts():
     assert isinstance(default.tagger, ClipTagger) and isinstance(default.llm, RuleBasedLLM)
     assert isinstance(default.grounder, GroundingDinoSamGrounder)
     assert default.to_config()["grounder"]["config"]["detector"] == "IDEA-Research/grounding-dino-tiny"
+
+
+def test_captioning_has_its_own_progress_bar(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        run(pipe, [PROMPT, PROMPT], realign=True)
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    err = capsys.readouterr().err
+    assert "dense captioning" in err and "2/2" in err

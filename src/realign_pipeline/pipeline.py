@@ -361,9 +361,13 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         to_caption = [i for i, layout in enumerate(user_layouts) if layout is None]
         layouts = list(user_layouts)
         if to_caption:
-            captioned = self.dense_captioner([coarse_pil[i] for i in to_caption], [prompts[i] for i in to_caption])
-            for index, layout in zip(to_caption, captioned):
-                layouts[index] = layout
+            # One image at a time, so the progress bar moves: tagging, LLM calls and grounding all take
+            # seconds per image with the real models.
+            with self.progress_bar(total=len(to_caption)) as bar:
+                bar.set_description("dense captioning")
+                for index in to_caption:
+                    layouts[index] = self.dense_captioner([coarse_pil[index]], [prompts[index]])[0]
+                    bar.update()
         realigned = [layout is not None and len(layout) > 0 for layout in layouts]
         for index, done in enumerate(realigned):
             if not done:
