@@ -74,15 +74,27 @@ def normalize(pixels: torch.Tensor, processor: Blip2Processor) -> torch.Tensor:
     return (pixels * 0.5 + 0.5 - mean) / std
 
 
-def captioner_loss(model, processor, pixels, captions) -> tuple[torch.Tensor, dict]:
+def caption_inputs(model, processor, captions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``<image>`` x Q, BOS, caption, EOS, right-padded: ids, attention mask, labels (caption and EOS only).
+
+    Built by hand because the processor inserts the image tokens only when it is given images."""
     tok = processor.tokenizer
-    eos = tok.eos_token
-    enc = processor(text=[c + eos for c in captions], return_tensors="pt", padding=True)
-    labels = enc.input_ids.clone()
-    labels[(enc.attention_mask == 0) | (enc.input_ids == model.config.image_token_index)] = -100
-    labels[:, NUM_QUERY_TOKENS] = -100  # the BOS right after the image tokens is given, not predicted
-    out = model(pixel_values=normalize(pixels, processor), input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask, labels=labels)
+    start = [model.config.image_token_index] * NUM_QUERY_TOKENS + [tok.bos_token_id]
+    rows = [start + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for c in captions]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(start) : len(row)] = torch.tensor(row[len(start) :])
+    return ids, mask, labels
+
+
+def captioner_loss(model, processor, pixels, captions) -> tuple[torch.Tensor, dict]:
+    ids, mask, labels = caption_inputs(model, processor, captions)
+    out = model(pixel_values=normalize(pixels, processor), input_ids=ids, attention_mask=mask, labels=labels)
     return out.loss, {}
 
 
@@ -145,8 +157,9 @@ def main() -> None:
     model.eval()
     if args.model == "captioner":
         pixels, captions, _ = batch(rng, args)
-        ids = model.generate(pixel_values=normalize(pixels[:8], processor),
-                             input_ids=processor(text=[""] * 8, return_tensors="pt").input_ids, max_new_tokens=16)
+        start = caption_inputs(model, processor, [""] * 8)[0][:, : NUM_QUERY_TOKENS + 1]
+        ids = model.generate(pixel_values=normalize(pixels[:8], processor), input_ids=start,
+                             attention_mask=torch.ones_like(start), max_new_tokens=16)
         for c, g in zip(captions[:8], processor.batch_decode(ids, skip_special_tokens=True)):
             print(f"caption {c!r} -> generated {g.strip()!r}", flush=True)
     model.save_pretrained(out / "final")
