@@ -168,7 +168,7 @@ def test_two_processes_and_help_through_the_command_line(config, tmp_path, capsy
 
 def test_presets_and_config_errors(tmp_path, sd_folder):
     assert set(PRESETS) == {"sd15", "refl", "realign", "refl+realign", "imagereward-refl", "densediffusion",
-                            "promptist", "sdxl"}
+                            "promptist", "sdxl", "shapes", "shapes-realign", "shapes-refl", "shapes-refl+realign"}
     assert load_config("sdxl").pipeline == "auto" and load_config("promptist").promptist == "microsoft/Promptist"
     assert load_config("refl+realign").realign and load_config("refl+realign").requires_checkpoint
     with pytest.raises(ValueError, match="presets: sd15, refl, realign, refl\\+realign"):

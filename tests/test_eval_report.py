@@ -128,3 +128,23 @@ def test_errors(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         write_report([tmp_path / "x"], tmp_path / "r")
+
+
+def test_confidence_intervals_in_the_table(tmp_path):
+    a = make_scored(tmp_path, "base", {"shapes_binding": 0.30, "fid": 20.0})
+    b = make_scored(tmp_path, "realign", {"shapes_binding": 0.45, "fid": 21.0})
+    for folder, (low, high) in ((a, (0.25, 0.35)), (b, (0.40, 0.50))):
+        scored = json.loads((folder / "metrics.json").read_text())
+        scored["metrics"]["shapes_binding"].update(ci_low=low, ci_high=high, confidence=0.95)
+        (folder / "metrics.json").write_text(json.dumps(scored))
+    files = write_report([a, b], tmp_path / "report", cell=32)
+    md = files["table_md"].read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "images" not in line}
+    assert "| 0.3000 [0.2500, 0.3500] |" in rows["base"]
+    assert "| **0.4500** [0.4000, 0.5000] |" in rows["realign"]  # best marked, CI kept
+    assert "| 20.00 |" in rows["base"].replace("**", "")  # no CI: the mean alone
+    assert "Binding ↑" in md and "95% percentile-bootstrap CI" in md
+    table = json.loads(files["table_json"].read_text())
+    assert table["columns"] == ["shapes_binding", "fid"]
+    assert table["rows"][1]["values"] == {"shapes_binding": 0.45, "fid": 21.0}  # still plain numbers
+    assert table["rows"][1]["ci"] == {"shapes_binding": [0.40, 0.50], "fid": None}

@@ -249,3 +249,91 @@ def test_inception_features_with_a_stand_in_pytorch_fid(monkeypatch):
     assert torch.allclose(f(tensor)[:, :3], ((tensor + 1) / 2).mean((2, 3)), atol=1e-6)
     fd = inception_fid()
     assert isinstance(fd, FrechetDistance) and "pytorch-fid" in fd.extractor_name and "pool3" in fd.extractor_name
+
+
+# --- bootstrap confidence intervals ----------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_properties():
+    from realign_pipeline.evaluation.score import bootstrap_ci, summarize
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.5, 0.2, 40).tolist()
+    low, high = bootstrap_ci(values, seed=3)
+    assert low < float(np.mean(values)) < high
+    assert bootstrap_ci(values, seed=3) == (low, high)  # seeded
+    assert bootstrap_ci(values, seed=4) != (low, high)
+    assert bootstrap_ci([0.7] * 9) == (0.7, 0.7) and bootstrap_ci([]) == (bootstrap_ci([])[0],) * 2
+    # more data: a narrower interval (same distribution)
+    more = rng.normal(0.5, 0.2, 640).tolist()
+    low_m, high_m = bootstrap_ci(more, seed=3)
+    assert high_m - low_m < (high - low) / 2
+    # 95% of a normal mean: about 2 * 1.96 * sd / sqrt(n)
+    assert high_m - low_m == pytest.approx(2 * 1.96 * np.std(more) / np.sqrt(len(more)), rel=0.15)
+    # None / NaN (e.g. position of prompts without one) are left out
+    assert bootstrap_ci([*values, None, float("nan")], seed=3) == (low, high)
+    # seeds of one prompt stay together: three identical copies per prompt give the one-copy interval, while
+    # treating them as independent images would (wrongly) narrow it
+    groups = [i for i in range(40) for _ in range(3)]
+    tripled = [values[i] for i in groups]
+    assert bootstrap_ci(tripled, groups, seed=3) == pytest.approx((low, high))
+    naive = bootstrap_ci(tripled, seed=3)
+    assert naive[1] - naive[0] < 0.75 * (high - low)
+    s = summarize([1.0, 0.0, None, 1.0], groups=["a", "a", "b", "c"])
+    assert s["n"] == 3 and s["n_prompts"] == 2 and s["mean"] == pytest.approx(2 / 3) and s["confidence"] == 0.95
+    with pytest.raises(ValueError, match="group labels"):
+        bootstrap_ci([1.0, 2.0], groups=["a"])
+
+
+def _two_images_per_prompt(folder):
+    """Rewrite a make_folder manifest so that images 2k and 2k+1 are two seeds of prompt k."""
+    entries = read_results(folder)[1]
+    for manifest in folder.glob("manifest*.jsonl"):
+        manifest.unlink()
+    for e in entries:
+        k = e["index"] // 2
+        e["record"] = {**e["record"], "id": str(k)}
+        e.update(index=k, image=e["index"] % 2, prompt=e["record"]["text"])
+    (folder / "manifest.rank0.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_score_folder_writes_cis_per_image_scores_and_pools_seeds(tmp_path, clip_path):
+    from realign_pipeline.evaluation.score import bootstrap_ci, combine_scores
+
+    folders = [make_folder(tmp_path, name=f"seed{s}", n=6, seed=s, shards=1) for s in (0, 1)]
+    for folder in folders:
+        (folder / "config.json").write_text(json.dumps({"name": "cfg"}))
+    _two_images_per_prompt(folders[0])
+    result = score_folder(folders[0], ["clip", "timings"], progress=False, clip=clip_path, bootstrap=500, ci_seed=1)
+    clip, timings = result["metrics"]["clip"], result["metrics"]["timings"]
+    assert list(clip)[:4] == ["mean", "std", "n", "model"]
+    assert clip["ci_low"] <= clip["mean"] <= clip["ci_high"] and clip["n_prompts"] == 3
+    assert clip["clipscore_100_ci_low"] <= clip["clipscore_100_mean"] <= clip["clipscore_100_ci_high"]
+    # timings 1..6, prompts {1,2}, {3,4}, {5,6}: the CI is the prompt-level bootstrap of those numbers
+    assert timings["mean"] == pytest.approx(3.5)
+    expected = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0, 0, 1, 1, 2, 2], n_resamples=500, seed=1)
+    assert (timings["ci_low"], timings["ci_high"]) == pytest.approx(expected)
+    lines = [json.loads(x) for x in (folders[0] / "per_image.jsonl").read_text().splitlines()]
+    assert [x["prompt_key"] for x in lines] == ["coco5k/0", "coco5k/0", "coco5k/1", "coco5k/1", "coco5k/2", "coco5k/2"]
+    assert [x["scores"]["timings"] for x in lines] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # scoring another metric later keeps the per-image columns scored before
+    score_folder(folders[0], ["timings"], progress=False)
+    assert "clip" in json.loads((folders[0] / "per_image.jsonl").read_text().splitlines()[0])["scores"]
+    assert json.loads((folders[0] / "metrics.json").read_text())["metrics"]["clip"] == clip
+
+    # pooling two seed folders: prompts matched by record id across folders
+    with pytest.raises(FileNotFoundError, match="score it first"):
+        combine_scores(folders)
+    _two_images_per_prompt(folders[1])  # the same three prompts, other seeds
+    score_folder(folders[1], ["timings"], progress=False)
+    with pytest.raises(ValueError, match="'clip' is not scored"):
+        combine_scores(folders, metrics=["clip"])
+    pooled = combine_scores(folders, out=tmp_path / "pooled", bootstrap=500, ci_seed=1)
+    t = pooled["metrics"]["timings"]
+    assert pooled["config"] == "cfg" and pooled["num_images"] == 12 and list(pooled["metrics"]) == ["timings"]
+    assert t["n"] == 12 and t["n_prompts"] == 3 and t["mean"] == pytest.approx(3.5)
+    # each prompt's four images (two per folder) are resampled together
+    values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] * 2
+    expected = bootstrap_ci(values, [0, 0, 1, 1, 2, 2] * 2, n_resamples=500, seed=1)
+    assert (t["ci_low"], t["ci_high"]) == pytest.approx(expected) and t["ci_low"] < 3.5 < t["ci_high"]
+    assert json.loads((tmp_path / "pooled" / "metrics.json").read_text())["metrics"]["timings"] == t

@@ -230,3 +230,24 @@ def test_drawbench_needs_a_user_file(tmp_path, monkeypatch):
     assert records[0].set == "drawbench" and records[0].metadata == {"category": "Colors"}
     monkeypatch.setenv(DRAWBENCH_ENV, str(p))
     assert len(load_prompts("drawbench")) == 2
+
+
+def test_shapes_heldout_is_generated_from_the_world():
+    from realign_pipeline.shapes.world import CAPTION_FORMS, HELD_OUT_PAIRINGS, held_out_prompts
+
+    records = load_prompts("shapes-heldout")
+    source = held_out_prompts()
+    assert "shapes-heldout" in available_prompt_sets()
+    # every held-out pairing, every caption form, both orders of mention
+    assert len(records) == len(HELD_OUT_PAIRINGS) * len(CAPTION_FORMS) * 2 == len(source)
+    assert len({r.id for r in records}) == len(records) and len({r.text for r in records}) == len(records)
+    for r, s in zip(records, source):
+        assert r.set == "shapes-heldout" and r.text == s["prompt"]
+        assert r.metadata == {"form": s["form"], "objects": s["objects"]}
+    positional = [r for r in records if r.metadata["form"] in ("left", "right")]
+    assert positional and all({o["side"] for o in r.metadata["objects"]} == {"left", "right"} for r in positional)
+    # limit / seed as for the other sets; '_' spelling accepted
+    assert load_prompts("shapes-heldout", limit=5) == records[:5]
+    subset = load_prompts("shapes_heldout", limit=7, seed=3)
+    assert subset == load_prompts("shapes-heldout", limit=7, seed=3) != records[:7]
+    assert [r.id for r in subset] == sorted(r.id for r in subset) and len(subset) == 7

@@ -27,6 +27,7 @@ __all__ = [
     "PRESETS",
     "SD15",
     "SDXL",
+    "SHAPES_MODEL",
     "EvalConfig",
     "PromptistRewriter",
     "UnitScoreCaptioner",
@@ -34,11 +35,16 @@ __all__ = [
     "build_pipeline",
     "check_checkpoint",
     "load_config",
+    "resolve_model",
 ]
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 PROMPTIST = "microsoft/Promptist"
+#: The shipped shapes-world pipeline (``realign_pipeline/assets/shapes/pipeline``), resolved when a pipeline is
+#: built (:func:`resolve_model`), so the presets exist even where the weights are not installed.
+SHAPES_MODEL = "shapes:pipeline"
+_SHAPES_PREFIX = "shapes:"
 PIPELINES = ("realign", "auto")
 #: The dense captioner of the fine stage, as ``realigndiff generate`` builds it by default.
 DEFAULT_CAPTIONER: dict[str, Any] = {
@@ -70,7 +76,8 @@ class EvalConfig:
 
     Args:
         name: the configuration's name (the manifest's ``config`` field and the report's row label).
-        model: diffusers hub id or local folder of the pipeline.
+        model: diffusers hub id or local folder of the pipeline, or ``"shapes:pipeline"`` (:data:`SHAPES_MODEL`,
+            the shipped shapes-world pipeline).
         pipeline: ``"realign"`` (:class:`~realign_pipeline.RealignDiffPipeline`, Stable Diffusion 1.x/2.x) or
             ``"auto"`` (``diffusers.DiffusionPipeline``: any pipeline, e.g. SD-XL; no fine stage).
         lora: a LoRA folder or hub id (e.g. a ReFL LoRA from ``train_refl.py --use_lora``).
@@ -213,8 +220,15 @@ def _preset(name: str, description: str, **fields: Any) -> EvalConfig:
     return EvalConfig(name=name, description=description, **fields)
 
 
+#: The shapes-world sampling settings: the shipped 32x32 pipeline (fp16 weights, loaded in float32), its saved
+#: DDIM scheduler (v-prediction) with 20 steps and guidance 4, as its training validated it.
+_SHAPES: dict[str, Any] = {"model": SHAPES_MODEL, "dtype": "float32", "height": 32, "width": 32, "steps": 20,
+                           "guidance": 4.0}
+
+
 #: The built-in configurations: the rows of Table 1 (``sd15``, ``imagereward-refl``, ``densediffusion``,
-#: ``promptist``, ``sdxl``, ``refl+realign`` = RealignDiff) and the ablation's parts (``refl``, ``realign``).
+#: ``promptist``, ``sdxl``, ``refl+realign`` = RealignDiff), the ablation's parts (``refl``, ``realign``) and the
+#: shapes-world ablation (``shapes``, ``shapes-realign``, ``shapes-refl``, ``shapes-refl+realign``).
 PRESETS: dict[str, EvalConfig] = {
     preset.name: preset
     for preset in (
@@ -242,6 +256,13 @@ PRESETS: dict[str, EvalConfig] = {
         _preset("promptist", "Promptist: the prompt rewritten by microsoft/Promptist, then SD v1.5", promptist=PROMPTIST),
         _preset("sdxl", "SD-XL base 1.0 (any diffusers pipeline id works with pipeline='auto')", model=SDXL,
                 pipeline="auto"),
+        _preset("shapes", "shapes world: the shipped tiny pipeline, coarse stage only", **_SHAPES),
+        _preset("shapes-realign", "shapes world + the fine stage with the shapes dense captioner saved with the model",
+                realign=True, **_SHAPES),
+        _preset("shapes-refl", "shapes world + a ReFL checkpoint of the shapes UNet (--lora or --unet)",
+                requires_checkpoint=True, **_SHAPES),
+        _preset("shapes-refl+realign", "shapes world: the ReFL checkpoint (coarse) + the fine stage",
+                realign=True, requires_checkpoint=True, **_SHAPES),
     )
 }
 
@@ -357,6 +378,28 @@ def check_checkpoint(config: EvalConfig) -> None:
             raise ValueError(f"{key} {value}: no such file or folder (a hub id is written owner/name).")
 
 
+def resolve_model(model: str) -> str:
+    """The folder or hub id to load for ``model``: ``"shapes:<name>"`` becomes the shipped shapes-world folder.
+
+    Raises:
+        FileNotFoundError: the shapes-world weights are not installed, or a local folder holds no pipeline
+            (no ``model_index.json``).
+    """
+    model = str(model)
+    if model.startswith(_SHAPES_PREFIX):
+        from ..shapes.pretrained import shapes_model_path
+
+        model = str(shapes_model_path(model.removeprefix(_SHAPES_PREFIX) or "pipeline"))
+    local = Path(model).expanduser()
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model {model}: the folder holds no diffusers pipeline (no model_index.json); for the shapes presets, "
+            "install the shapes-world weights (realign_pipeline/assets/shapes/pipeline, see docs/shapes.md) or set "
+            "model= to a saved pipeline folder."
+        )
+    return model
+
+
 def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: Any = None, captioner: Any = None):
     """The pipeline of `config` on `device`, ready to call with :meth:`EvalConfig.call_kwargs`.
 
@@ -366,8 +409,12 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
     :class:`UnitScoreCaptioner` when ``unit_scores``. A :class:`PromptistRewriter` is attached as
     ``pipe.prompt_rewriter`` when ``config.promptist`` is set (``None`` otherwise).
 
+    A shapes-world model (``"shapes:pipeline"``) without a saved captioner gets
+    :func:`~realign_pipeline.shapes.perception.shapes_dense_captioner`.
+
     Raises:
         ValueError: a setting that cannot work (a ReFL preset without a checkpoint, a missing LoRA folder).
+        FileNotFoundError: the shapes-world weights are not installed, or a local model folder is not a pipeline.
         OSError: weights that cannot be loaded (not cached and offline, a broken folder).
     """
     import torch
@@ -376,6 +423,7 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _dtype(config, device, dtype)
     check_checkpoint(config)
+    model = resolve_model(config.model)
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if config.unet:
         load_kwargs["unet"] = _load_unet(config.unet, torch_dtype)
@@ -385,11 +433,11 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
         load_kwargs.update(safety_checker=None, requires_safety_checker=False)
         if captioner is not None:
             load_kwargs["dense_captioner"] = captioner
-        pipe = RealignDiffPipeline.from_pretrained(config.model, **load_kwargs)
+        pipe = RealignDiffPipeline.from_pretrained(model, **load_kwargs)
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(config.model, **load_kwargs)
+        pipe = DiffusionPipeline.from_pretrained(model, **load_kwargs)
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None
     if config.lora:
@@ -398,7 +446,11 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
         pipe.load_lora_weights(config.lora)
     pipe.to(device)
     if config.realign:
-        if pipe.dense_captioner is None or config.captioner is not None:
+        if pipe.dense_captioner is None and config.captioner is None and config.model.startswith(_SHAPES_PREFIX):
+            from ..shapes.perception import shapes_dense_captioner
+
+            pipe.dense_captioner = shapes_dense_captioner()
+        elif pipe.dense_captioner is None or config.captioner is not None:
             pipe.dense_captioner = build_captioner(config.captioner, device=device)
         if config.unit_scores:
             pipe.dense_captioner = UnitScoreCaptioner(pipe.dense_captioner)

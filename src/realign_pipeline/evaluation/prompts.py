@@ -2,10 +2,14 @@
 
 ``load_prompts(name, limit=None, seed=None)`` returns a list of :class:`PromptRecord`. ``name`` is one of
 :func:`available_prompt_sets` (``coco5k``, ``abc6k``, ``cc500``, ``t2icompbench-<category>``, ``geneval``,
-``drawbench``, ``partiprompts``) or a path to a ``.txt`` (one prompt per line), ``.csv`` / ``.tsv`` (a
+``drawbench``, ``partiprompts``, ``shapes-heldout``) or a path to a ``.txt`` (one prompt per line), ``.csv`` / ``.tsv`` (a
 ``prompt`` / ``prompts`` / ``caption`` / ``text`` column, any case) or ``.jsonl`` file (one object per line
 with such a key). The bundled files live in ``realign_pipeline/assets/prompts`` with their licenses (see the
 README there and ``docs/evaluation.md``).
+
+``shapes-heldout`` is generated, not read from a file: the shapes world's held-out pairings in every caption form
+(:func:`realign_pipeline.shapes.world.held_out_prompts`), with ``metadata = {"form", "objects"}`` where each object
+is ``{"color", "shape", "side"}`` (side ``"left"`` / ``"right"`` or ``None`` when the prompt names no position).
 
 DrawBench is not bundled (its source states no license): ``load_prompts("drawbench", path=...)`` or the
 environment variable ``REALIGNDIFF_DRAWBENCH`` points at a copy of ``DrawBench.csv`` (columns ``Prompts``,
@@ -178,12 +182,27 @@ def _drawbench(path: str | os.PathLike[str] | None) -> list[PromptRecord]:
     ]
 
 
+def _shapes_heldout() -> list[PromptRecord]:
+    from ..shapes.world import held_out_prompts
+
+    return [
+        PromptRecord(
+            text=r["prompt"],
+            id=f"{i:03d}",
+            set="shapes-heldout",
+            metadata={"form": r["form"], "objects": [dict(o) for o in r["objects"]]},
+        )
+        for i, r in enumerate(held_out_prompts())
+    ]
+
+
 _BUILTIN: dict[str, Callable[[], list[PromptRecord]]] = {
     "coco5k": _coco5k,
     "abc6k": _abc6k,
     "cc500": _cc500,
     "geneval": _geneval,
     "partiprompts": _partiprompts,
+    "shapes-heldout": _shapes_heldout,
 }
 
 

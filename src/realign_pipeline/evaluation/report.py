@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 #: Column order of the table (metrics not listed here follow, alphabetically).
-METRIC_ORDER = ("clip", "negclip", "blip_itm", "blip_itc", "caption_reward", "blip_vqa", "fid", "timings")
+METRIC_ORDER = (
+    "shapes_presence", "shapes_binding", "shapes_binding_fraction", "shapes_position",
+    "clip", "negclip", "blip_itm", "blip_itc", "caption_reward", "blip_vqa", "fid", "timings",
+)
 #: Metrics where a lower value is better.
 LOWER_IS_BETTER = frozenset({"fid", "timings"})
 METRIC_LABELS = {
@@ -49,6 +52,10 @@ METRIC_LABELS = {
     "blip_vqa": "BLIP-VQA",
     "fid": "FID",
     "timings": "Time/image (s)",
+    "shapes_presence": "Presence",
+    "shapes_binding": "Binding",
+    "shapes_binding_fraction": "Binding (fraction)",
+    "shapes_position": "Position",
 }
 
 #: Published numbers for comparison, as given in issue 5 (not measured here): benchmark -> model -> column.
@@ -126,6 +133,25 @@ def _fmt(metric: str, v: float | None) -> str:
     return f"{v:.2f}" if metric in ("fid", "timings") else f"{v:.4f}"
 
 
+def _ci(entry: dict[str, Any] | None) -> tuple[float, float] | None:
+    """``(ci_low, ci_high)`` of a metrics.json entry, ``None`` when it has none (FID, older files)."""
+    if not entry:
+        return None
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    if not all(isinstance(v, (int, float)) and not math.isnan(float(v)) for v in (low, high)):
+        return None
+    return float(low), float(high)
+
+
+def _cell(metric: str, entry: dict[str, Any] | None) -> str:
+    """``mean`` or, with a CI, ``mean [low, high]``."""
+    text = _fmt(metric, _value(entry))
+    ci = _ci(entry)
+    if ci is None or text == "—":
+        return text
+    return f"{text} [{_fmt(metric, ci[0])}, {_fmt(metric, ci[1])}]"
+
+
 def _columns(results: list[dict[str, Any]], metrics: Sequence[str] | None) -> list[str]:
     if metrics is not None:
         return [str(m) for m in metrics]
@@ -189,7 +215,8 @@ def _markdown(results, columns, best, literature) -> str:
             cells = []
             for m in columns:
                 text = _fmt(m, _value(r["metrics"].get(m)))
-                cells.append(f"**{text}**" if r["config"] in marks.get(m, []) else text)
+                bold = f"**{text}**" if r["config"] in marks.get(m, []) else text
+                cells.append(_cell(m, r["metrics"].get(m)).replace(text, bold, 1))
             lines.append(f"| {r['config']} | {r['num_images']} | " + " | ".join(cells) + " |")
         models = {m: r["metrics"][m].get("model") for r in results if str(r["prompt_set"]) == ps
                   for m in columns if m in r["metrics"] and r["metrics"][m].get("model")}
@@ -197,6 +224,11 @@ def _markdown(results, columns, best, literature) -> str:
         if models:
             lines += ["Models: " + "; ".join(f"{METRIC_LABELS.get(m, m)}: `{v}`" for m, v in models.items()), ""]
     lines.append("Best value per column in **bold** (within a prompt set; lower is better for FID and time).")
+    if any(_ci(r["metrics"].get(m)) for r in results for m in columns):
+        levels = sorted({float(r["metrics"][m].get("confidence") or 0.95) for r in results for m in columns
+                         if _ci(r["metrics"].get(m))})
+        lines.append(f"`mean [low, high]`: the {'/'.join(f'{c:.0%}' for c in levels)} percentile-bootstrap CI of "
+                     "the mean (prompts resampled, their seeds kept together).")
     lines.append("")
     for sec in literature:
         lines += [f"## From the literature: {sec['title']}", ""]
@@ -349,6 +381,7 @@ def write_report(
         "lower_is_better": [m for m in columns if m in LOWER_IS_BETTER],
         "rows": [{"config": r["config"], "prompt_set": r["prompt_set"], "num_images": r["num_images"],
                   "folder": r["folder"], "values": {m: _value(r["metrics"].get(m)) for m in columns},
+                  "ci": {m: (list(c) if (c := _ci(r["metrics"].get(m))) else None) for m in columns},
                   "metrics": {m: r["metrics"][m] for m in columns if m in r["metrics"]}} for r in results],
         "best": best,
         "literature": literature,

@@ -10,23 +10,128 @@ Each manifest line has at least ``index``, ``prompt``, ``file`` (relative to the
 ``prompt_set``, ``record`` (the :class:`~realign_pipeline.evaluation.prompts.PromptRecord` fields), ``seed``,
 ``config``, ``settings``, ``timings`` and ``realigned``. :func:`read_results` reads them (every
 ``manifest*.jsonl``, merged and sorted by index, then file) without depending on the generation code.
+
+Confidence intervals: every per-image metric gets ``ci_low`` / ``ci_high``, a 95% percentile bootstrap of the
+mean (seeded, :func:`bootstrap_ci`). The resampled unit is the *prompt* (:func:`prompt_key`: the manifest
+record's set and id, else its index), so several images of one prompt (several seeds, or images per prompt)
+stay together. The per-image numbers are written to ``per_image.jsonl`` so that folders of the same
+configuration with other seeds can be pooled (:func:`combine_scores`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 
-__all__ = ["METRIC_NAMES", "load_metric", "read_results", "real_image_names", "score_folder"]
+__all__ = [
+    "METRIC_NAMES",
+    "PER_IMAGE_FILE",
+    "SHAPES_FIELDS",
+    "bootstrap_ci",
+    "combine_scores",
+    "load_metric",
+    "prompt_key",
+    "read_results",
+    "real_image_names",
+    "score_folder",
+    "summarize",
+]
 
 #: The names :func:`score_folder` accepts.
-METRIC_NAMES = ("clip", "negclip", "blip_itm", "caption_reward", "blip_vqa", "fid", "timings")
+METRIC_NAMES = ("clip", "negclip", "blip_itm", "caption_reward", "blip_vqa", "fid", "timings", "shapes")
+#: The metrics.json entries the ``shapes`` metric writes (``shapes_<field>``).
+SHAPES_FIELDS = ("presence", "binding", "binding_fraction", "position")
+#: Per-image scores of a result folder, one JSON line per image (written by :func:`score_folder`).
+PER_IMAGE_FILE = "per_image.jsonl"
+#: Metrics whose spec ``"shapes"`` means the shipped shapes-world model(s).
+_SHAPES_SPECS = {"clip": ("clip",), "blip_itm": ("blip2-itm",), "caption_reward": ("blip2-captioner", "blip2-itm")}
+
+
+# --- bootstrap ----------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    values: Sequence[float | None],
+    groups: Sequence[Any] | None = None,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI ``(low, high)`` of the mean of ``values`` (``None`` / NaN left out).
+
+    Without ``groups`` images are resampled; with ``groups`` (one label per value, e.g. the prompt) the groups
+    are resampled with replacement, each bringing all its values, and a resample's mean is over its values (a
+    cluster bootstrap: several seeds of one prompt are not independent draws). Seeded: the same inputs and
+    seed give the same interval. Constant values give ``(x, x)``; no values give ``(nan, nan)``.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    labels = list(range(len(values))) if groups is None else list(groups)
+    if len(labels) != len(values):
+        raise ValueError(f"{len(values)} values but {len(labels)} group labels")
+    keep = [(g, float(v)) for g, v in zip(labels, values) if v is not None and not math.isnan(float(v))]
+    if not keep:
+        return math.nan, math.nan
+    x = np.array([v for _, v in keep], dtype=np.float64)
+    if np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    index: dict[Any, int] = {}
+    ids = np.array([index.setdefault(g, len(index)) for g, _ in keep])
+    sums = np.bincount(ids, weights=x)
+    counts = np.bincount(ids).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    g = len(sums)
+    means = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // g)  # bounded memory for large sets
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        draw = rng.integers(0, g, size=(stop - start, g))
+        means[start:stop] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def summarize(
+    values: Sequence[float | None],
+    groups: Sequence[Any] | None = None,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"mean", "std", "n", "n_prompts", "ci_low", "ci_high", "confidence"}`` of ``values`` (``None`` / NaN
+    left out; ``std`` is the population std; ``n_prompts``: distinct ``groups`` among the kept values)."""
+    labels = list(range(len(values))) if groups is None else list(groups)
+    kept = [(g, float(v)) for g, v in zip(labels, values) if v is not None and not math.isnan(float(v))]
+    low, high = bootstrap_ci(values, groups, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    x = np.array([v for _, v in kept], dtype=np.float64)
+    return {
+        "mean": float(x.mean()) if len(x) else math.nan,
+        "std": float(x.std()) if len(x) else math.nan,
+        "n": len(x),
+        "n_prompts": len({g for g, _ in kept}),
+        "ci_low": low,
+        "ci_high": high,
+        "confidence": confidence,
+    }
+
+
+def prompt_key(entry: dict[str, Any]) -> str:
+    """The prompt a manifest entry belongs to (the bootstrap's unit): ``"<set>/<id>"`` of its record, else
+    ``"index/<index>"``. The same prompt in folders generated with other seeds has the same key."""
+    record = entry.get("record") or {}
+    if isinstance(record, dict) and record.get("id") is not None:
+        return f"{record.get('set') or entry.get('prompt_set') or ''}/{record['id']}"
+    return f"index/{int(entry['index'])}"
 
 
 def read_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -122,13 +227,32 @@ def load_metric(name: str, spec: Any = None, device: Any = None, dtype: Any = No
     """The metric ``name`` (one of :data:`METRIC_NAMES` but ``timings``): ``spec`` is a hub id / folder
     (``None``: the metric's default), or an already built metric object (used as is). For ``fid``: ``None`` /
     ``"inception"`` (pytorch-fid, the ``eval`` extra), ``"clip:<id>"`` (Fréchet CLIP distance), a
-    ``FrechetDistance`` or a feature extractor callable."""
+    ``FrechetDistance`` or a feature extractor callable. For ``clip`` / ``blip_itm`` / ``caption_reward`` the spec
+    ``"shapes"`` is the shipped shapes-world model (caption reward: its BLIP-2 captioner and BLIP-2 ITM text
+    encoder, in float32 unless ``dtype`` says otherwise); ``shapes`` has no model (it runs
+    :mod:`realign_pipeline.shapes.checker`)."""
     if name not in METRIC_NAMES or name == "timings":
         raise ValueError(f"unknown metric {name!r}; the names are: {', '.join(METRIC_NAMES)}")
     if name == "fid":
         return _fid_metric(spec, device, dtype)
     if spec is not None and not isinstance(spec, (str, Path)):
         return spec
+    if name == "shapes":
+        from ..shapes.metric import ShapesAlignmentScore
+
+        return ShapesAlignmentScore.from_pretrained(None if spec is None else str(spec))
+    if spec == "shapes":
+        if name not in _SHAPES_SPECS:
+            raise ValueError(f"metric {name!r} has no shapes-world model; 'shapes' works for {sorted(_SHAPES_SPECS)}")
+        from ..shapes.pretrained import shapes_model_path
+
+        paths = [str(shapes_model_path(m)) for m in _SHAPES_SPECS[name]]
+        dtype = torch.float32 if dtype is None else dtype  # the shipped weights are fp16: compute in float32
+        if name == "caption_reward":
+            from .metrics import CaptionRewardScore
+
+            return CaptionRewardScore.from_pretrained(paths[0], device=device, dtype=dtype, text_encoder=paths[1])
+        spec = paths[0]
     if name == "blip_vqa":
         from .vqa import BlipVqaScore
 
@@ -175,6 +299,39 @@ def _entry(name: str, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _ci_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("ci_low", "ci_high", "confidence", "n_prompts")}
+
+
+def _with_ci(entry: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with the CI fields after ``mean``, ``std``, ``n``, ``model``."""
+    head = {k: entry.get(k) for k in ("mean", "std", "n", "model")}
+    return {**head, **_ci_fields(summary), **{k: v for k, v in entry.items() if k not in head}}
+
+
+def _write_per_image(folder: Path, entries: list[dict[str, Any]], groups: list[str],
+                     per_image: dict[str, list[float | None]], keep_previous: bool) -> None:
+    """``per_image.jsonl``: one line per image with its prompt key and every per-image metric scored so far."""
+    path = folder / PER_IMAGE_FILE
+    previous: dict[str, dict[str, Any]] = {}
+    if keep_previous and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                previous[str(row.get("file"))] = row.get("scores", {})
+    lines = []
+    for i, (e, g) in enumerate(zip(entries, groups)):
+        scores = {**previous.get(str(e["file"]), {}), **{m: v[i] for m, v in per_image.items()}}
+        row = {"file": e["file"], "index": e["index"], "image": e.get("image", 0), "seed": e.get("seed"),
+               "prompt": e["prompt"], "prompt_key": g, "scores": scores}
+        lines.append(json.dumps(row, allow_nan=True) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
 def _load_images(folder: Path, entries: list[dict[str, Any]]) -> list[PIL.Image.Image]:
     images = []
     for e in entries:
@@ -191,6 +348,9 @@ def score_folder(
     real_images: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    bootstrap: int = 2000,
+    confidence: float = 0.95,
+    ci_seed: int = 0,
     **model_paths: Any,
 ) -> dict[str, Any]:
     """Compute ``metrics`` over a result folder's images and prompts; write and return ``metrics.json``.
@@ -201,8 +361,15 @@ def score_folder(
     a hub id / folder or a built metric (see :func:`load_metric`), e.g. ``clip="openai/clip-vit-base-patch32"``.
     An existing ``metrics.json`` is updated: metrics not computed now are kept.
 
+    ``shapes`` (the shapes-world checker, :class:`~realign_pipeline.shapes.metric.ShapesAlignmentScore`) writes
+    four entries: ``shapes_presence``, ``shapes_binding``, ``shapes_binding_fraction`` and ``shapes_position``
+    (over the prompts that name a side).
+
     The result: ``{"config", "prompt_set", "num_images", "metrics": {name: {"mean", "std", "n", "model",
-    ...}}}``; FID's ``mean`` is its value (``std`` is ``None``).
+    "ci_low", "ci_high", "confidence", "n_prompts", ...}}}``; FID's ``mean`` is its value (``std`` is ``None``, no
+    CI). The CI is a ``confidence`` percentile bootstrap with ``bootstrap`` resamples of the prompts (seed
+    ``ci_seed``), see :func:`bootstrap_ci`; a metric's second numbers get ``<field>_ci_low`` / ``_ci_high``. The
+    per-image numbers go to ``per_image.jsonl`` (see :func:`combine_scores`).
     """
     folder = Path(folder)
     names = [str(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
@@ -214,6 +381,8 @@ def score_folder(
         raise ValueError(f"model paths for unknown metrics {extra}; the names are: {', '.join(METRIC_NAMES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if bootstrap < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap must be >= 1 and confidence in (0, 1), got {bootstrap} and {confidence}")
     config, entries = read_results(folder)
     missing = [e["file"] for e in entries if not (folder / e["file"]).is_file()]
     if missing:
@@ -244,8 +413,19 @@ def score_folder(
         for meter in meters.values():
             meter.update(images, prompts)
 
+    groups = [prompt_key(e) for e in entries]
+    ci = {"groups": groups, "n_resamples": bootstrap, "confidence": confidence, "seed": ci_seed}
     computed: dict[str, Any] = {}
+    per_image: dict[str, list[float | None]] = {}
     for name, meter in meters.items():
+        if name == "shapes":
+            result = meter.compute(groups=groups)
+            for f in SHAPES_FIELDS:
+                s = result[f]
+                computed[f"shapes_{f}"] = {"mean": s["mean"], "std": s["std"], "n": s["n"], "model": None,
+                                           **_ci_fields(s), "checker": result["checker"]}
+                per_image[f"shapes_{f}"] = list(meter.scores[f])
+            continue
         result = meter.compute()
         if name == "blip_itm":
             itc = {"mean": result.pop("itc_mean"), "std": result.pop("itc_std")}
@@ -254,8 +434,27 @@ def score_folder(
             computed["blip_itm"]["head"] = "itm"
         else:
             computed[name] = _entry(name, result)
+        scores = getattr(meter, "scores", None)
+        fields = list(getattr(meter, "fields", ()))
+        if not isinstance(scores, dict) or not fields or any(len(scores.get(f, ())) != len(entries) for f in fields):
+            continue  # no per-image numbers (FID)
+        if name == "blip_itm":
+            main_of = {"blip_itm": "itm", "blip_itc": "itc"}
+        else:
+            main_of = {name: fields[0]}
+            for f in fields[1:]:
+                low_high = _ci_fields(summarize(scores[f], **ci))
+                computed[name][f"{f}_ci_low"], computed[name][f"{f}_ci_high"] = low_high["ci_low"], low_high["ci_high"]
+        for entry_name, field_name in main_of.items():
+            computed[entry_name] = _with_ci(computed[entry_name], summarize(scores[field_name], **ci))
+            per_image[entry_name] = [float(v) for v in scores[field_name]]
     if "timings" in names:
         computed["timings"] = _timings(entries)
+        field_name = computed["timings"].get("field")
+        if field_name:
+            values = [_number((e.get("timings") or {}).get(field_name)) for e in entries]
+            computed["timings"] = _with_ci(computed["timings"], summarize(values, **ci))
+            per_image["timings"] = values
 
     out_path = folder / "metrics.json"
     previous = json.loads(out_path.read_text(encoding="utf-8")) if out_path.exists() else {}
@@ -267,5 +466,77 @@ def score_folder(
         "num_images": len(entries),
         "metrics": {**previous.get("metrics", {}), **computed},
     }
+    _write_per_image(folder, entries, groups, per_image, keep_previous=bool(previous))
     out_path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    return result
+
+
+def combine_scores(
+    folders: Sequence[str | Path],
+    out: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    name: str | None = None,
+    bootstrap: int = 2000,
+    confidence: float = 0.95,
+    ci_seed: int = 0,
+) -> dict[str, Any]:
+    """Pool scored result folders of one configuration (e.g. one per seed) into one ``metrics.json``-style
+    result: each metric's mean over every image of every folder, and a bootstrap CI that resamples prompts
+    (:func:`prompt_key`) with all their images from all folders kept together.
+
+    ``metrics``: entry names of the folders' ``per_image.jsonl`` (default: those every folder has); a metric
+    missing from one folder is an error. ``name``: the result's ``config`` (default: the folders' common config
+    name; folders of different configurations need it). ``out``: a folder to write ``metrics.json`` (and a
+    ``config.json`` with the name) into, readable by :func:`~realign_pipeline.evaluation.report.write_report`.
+    """
+    paths = [Path(f) for f in folders]
+    if not paths:
+        raise ValueError("combine_scores needs at least one scored result folder")
+    rows: list[dict[str, Any]] = []
+    per_folder_metrics: list[set[str]] = []
+    names, sets, models = [], [], {}
+    for folder in paths:
+        per_image, scored = folder / PER_IMAGE_FILE, folder / "metrics.json"
+        if not per_image.is_file() or not scored.is_file():
+            raise FileNotFoundError(f"{folder} has no {PER_IMAGE_FILE} / metrics.json: score it first (score_folder)")
+        info = json.loads(scored.read_text(encoding="utf-8"))
+        names.append(str(info.get("config")))
+        sets.append(info.get("prompt_set"))
+        for m, entry in (info.get("metrics") or {}).items():
+            models.setdefault(m, {k: entry.get(k) for k in ("model", "checker", "head", "field", "unit") if k in entry})
+        lines = [json.loads(x) for x in per_image.read_text(encoding="utf-8").splitlines() if x.strip()]
+        per_folder_metrics.append(set.intersection(*(set(r["scores"]) for r in lines)) if lines else set())
+        rows += [{**r, "folder": str(folder)} for r in lines]
+    if name is None:
+        if len(set(names)) > 1:
+            raise ValueError(f"the folders hold different configurations {sorted(set(names))}: pass name=")
+        name = names[0]
+    common = set.intersection(*per_folder_metrics)
+    wanted = list(metrics) if metrics is not None else sorted(common)
+    for m in wanted:
+        missing = [str(f) for f, have in zip(paths, per_folder_metrics) if m not in have]
+        if missing:
+            raise ValueError(f"metric {m!r} is not scored in {missing}: score every folder with it first")
+    groups = [str(r["prompt_key"]) for r in rows]
+    result_metrics = {}
+    for m in wanted:
+        s = summarize([r["scores"][m] for r in rows], groups, n_resamples=bootstrap, confidence=confidence,
+                      seed=ci_seed)
+        result_metrics[m] = {"mean": s["mean"], "std": s["std"], "n": s["n"], "model": models.get(m, {}).get("model"),
+                             **_ci_fields(s), **{k: v for k, v in models.get(m, {}).items() if k != "model"}}
+    prompt_sets = sorted({str(p) for p in sets if p})
+    result = {
+        "config": name,
+        "prompt_set": "+".join(prompt_sets) if prompt_sets else None,
+        "num_images": len(rows),
+        "folders": [str(f) for f in paths],
+        "seeds_per_prompt": len(rows) / max(len(set(groups)), 1),
+        "metrics": result_metrics,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        (out / "config.json").write_text(json.dumps({"name": name, "combined_from": result["folders"]}, indent=2)
+                                         + "\n", encoding="utf-8")
     return result
