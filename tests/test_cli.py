@@ -32,7 +32,7 @@ def demo_run(tmp_path_factory):
     The demo runs torch on 1 thread by default (--threads): a busy 2-core machine made 2 threads 10x slower.
     """
     out = tmp_path_factory.mktemp("demo")
-    argv = ["demo", "--out", str(out), "--steps", "3", "--height", "32", "--width", "48", "--quiet"]
+    argv = ["demo", "--tiny", "--out", str(out), "--steps", "3", "--height", "32", "--width", "48", "--quiet"]
     threads = torch.get_num_threads()
     code = main(argv)
     assert torch.get_num_threads() == threads  # restored
@@ -98,7 +98,7 @@ def test_demo_prints_table_and_summary_line(tmp_path, capsys):
     path = tmp_path / "layout.json"
     path.write_text(json.dumps(layout))
     out = tmp_path / "out"
-    code = main(["demo", "--out", str(out), "--steps", "1", "--height", "32", "--width", "32", "-q",
+    code = main(["demo", "--tiny", "--out", str(out), "--steps", "1", "--height", "32", "--width", "32", "-q",
                  "--prompt", "a cat", "--layout", str(path)])
     assert code == 0
     text = capsys.readouterr().out
@@ -120,6 +120,29 @@ def test_help_has_examples(argv, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "realigndiff demo" in text
+
+
+def test_demo_help_names_both_worlds(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--tiny" in text and "trained shapes world" in text and "the code path only" in text
+
+
+def test_demo_without_tiny_runs_the_shapes_world(monkeypatch, tmp_path):
+    """Without --tiny the demo hands the parsed arguments, unfilled, to shapes.demo.shapes_demo."""
+    import realign_pipeline.shapes.demo as shapes_demo_module
+
+    seen = {}
+
+    def fake(args):
+        seen.update(vars(args))
+        return 7
+
+    monkeypatch.setattr(shapes_demo_module, "shapes_demo", fake)
+    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 7
+    assert seen["prompt"] is None and seen["height"] is None and seen["width"] is None
+    assert seen["tiny"] is False and seen["steps"] == 4 and seen["out"] == str(tmp_path)
 
 
 def test_demo_help_layout_example_is_a_valid_layout():
@@ -155,7 +178,7 @@ def test_bad_layout_file_exits_2_with_message(tmp_path, capsys, content, expecte
     path = tmp_path / "bad.json"
     if content is not None:
         path.write_text(content)
-    code = main(["demo", "--out", str(tmp_path / "out"), "--layout", str(path), "--steps", "1", "-q"])
+    code = main(["demo", "--tiny", "--out", str(tmp_path / "out"), "--layout", str(path), "--steps", "1", "-q"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("realigndiff demo: error: --layout ") and expected in err
@@ -213,7 +236,7 @@ def test_demo_as_a_user_runs_it(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--out", str(tmp_path), "--steps", "2", "-q"],
+        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--tiny", "--out", str(tmp_path), "--steps", "2", "-q"],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]

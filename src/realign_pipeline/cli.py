@@ -78,21 +78,27 @@ def _image_side(text: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 TOP_EPILOG = f"""\
 examples:
-  {PROG} demo                            tiny random model, offline: writes outputs/demo/
-  {PROG} demo --steps 5 --out /tmp/demo  quicker
+  {PROG} demo                            the trained shapes world, before/after re-alignment: outputs/demo/
+  {PROG} demo --tiny --steps 5 --out /tmp/demo   tiny random model (noise images): the code path only
   {PROG} demo --help                     the demo's options
   {PROG} generate "a red book and a yellow vase"            Stable Diffusion v1.5 + re-alignment (GPU)
   {PROG} generate --help                 the generate options
   {PROG} evaluate generate --config sd15 --prompts cc500 --out outputs/eval/sd15   images for Table 1
+  {PROG} evaluate run --configs sd15,realign --prompts cc500 --metrics clip --out outputs/eval/cc500   a table
   {PROG} evaluate --help                 generation, scoring, report, human study
 """
 
 DEMO_DESCRIPTION = """\
-Run RealignDiff's layout-guided generation end to end on a tiny RANDOM Stable Diffusion model, offline.
+Run RealignDiff end to end, offline.
 
-The images are noise (random weights); what the demo shows is the code path: a layout (phrase -> region)
-drives Eq. 8 cross-attention modulation, and the cross-attention maps of the phrase words move into their
-regions. The same seed is generated twice, plain and layout-guided, and the demo writes:
+Default: the trained shapes world (small models trained on procedural scenes of coloured shapes, see
+docs/shapes.md): real pictures of a prompt before and after re-alignment (coarse image -> dense caption ->
+re-aligned image), for a few seeds, with the Figure 6 panels and Figure 7 attention maps.
+
+--tiny: a tiny RANDOM Stable Diffusion model instead. Its images are noise (random weights); what it shows is
+the code path only: a layout (phrase -> region) drives Eq. 8 cross-attention modulation, and the
+cross-attention maps of the phrase words move into their regions. The same seed is generated twice, plain and
+layout-guided, and --tiny writes:
 
   plain.png, realigned.png  the two images
   layout.json               the layout used (realign-layout JSON, reusable with --layout)
@@ -105,8 +111,9 @@ regions. The same seed is generated twice, plain and layout-guided, and the demo
 DEMO_EPILOG = f"""\
 examples:
   {PROG} demo
-  {PROG} demo --steps 5 --out /tmp/demo --seed 1
-  {PROG} demo --prompt "a cat on a sofa" --layout my_layout.json
+  {PROG} demo --prompt "a red square above a green circle" --seed 1
+  {PROG} demo --tiny --steps 5 --out /tmp/demo --seed 1
+  {PROG} demo --tiny --prompt "a cat on a sofa" --layout my_layout.json
 
 layout JSON (--layout), boxes are [x0, y0, x1, y1] in fractions of the image:
   {{"format": "realign-layout", "version": 1, "regions": [
@@ -118,17 +125,22 @@ layout JSON (--layout), boxes are [x0, y0, x1, y1] in fractions of the image:
 def _add_demo_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="plain vs layout-guided generation with a tiny random model (offline), with attention maps",
+        help="before/after re-alignment in the trained shapes world (offline); --tiny: a random model, the code path",
         description=DEMO_DESCRIPTION,
         epilog=DEMO_EPILOG,
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--prompt", default=DEMO_PROMPT, help="the text prompt")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny random model instead of the trained shapes world (noise images: the code path only)")
+    parser.add_argument("--prompt", default=None,
+                        help=f"the text prompt (default: the shapes world's; with --tiny: {DEMO_PROMPT!r})")
     parser.add_argument("--out", default="outputs/demo", help="folder for the pictures and JSON files")
     parser.add_argument("--seed", type=int, default=42, help="seed of the initial noise (the same for both runs)")
     parser.add_argument("--steps", type=_int_in(1, 1000), default=20, help="denoising steps")
-    parser.add_argument("--height", type=_image_side, default=64, help=f"image height, multiple of 8, <= {MAX_DEMO_SIDE}")
-    parser.add_argument("--width", type=_image_side, default=64, help=f"image width, multiple of 8, <= {MAX_DEMO_SIDE}")
+    parser.add_argument("--height", type=_image_side, default=None,
+                        help=f"image height, multiple of 8, <= {MAX_DEMO_SIDE} (default: the shapes world's; --tiny: 64)")
+    parser.add_argument("--width", type=_image_side, default=None,
+                        help=f"image width, multiple of 8, <= {MAX_DEMO_SIDE} (default: the shapes world's; --tiny: 64)")
     parser.add_argument(
         "--layout",
         metavar="PATH",
@@ -310,7 +322,19 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``realigndiff demo``: plain vs layout-guided generation on the tiny random model, with pictures."""
+    """``realigndiff demo``: the trained shapes world before/after re-alignment, or (``--tiny``) plain vs
+    layout-guided generation on the tiny random model, with pictures."""
+    if not getattr(args, "tiny", False):
+        try:
+            from .shapes.demo import shapes_demo
+        except ModuleNotFoundError as error:
+            if error.name not in ("realign_pipeline.shapes", "realign_pipeline.shapes.demo"):
+                raise
+            raise CLIError("the shapes-world demo is not in this installation; run `realigndiff demo --tiny`.") from None
+        return shapes_demo(args)
+    args.prompt = args.prompt or DEMO_PROMPT
+    args.height = args.height or 64
+    args.width = args.width or 64
     with _torch_threads(args.threads):
         return _demo(args)
 
@@ -780,12 +804,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # evaluate
 # ----------------------------------------------------------------------------------------------------------
 EVALUATE_DESCRIPTION = """\
-The paper's evaluation (Tables 1-3): generate images for a prompt set with one configuration, score them,
-and write the report; plus the human-study page and its results. See docs/evaluation_generation.md.
+The paper's evaluation (Tables 1-3): `run` does it all in one command (generate every configuration,
+resumable, score, report); `generate`, `score` and `report` are its steps; plus the human-study page and its
+results. See docs/evaluation.md and docs/evaluation_generation.md.
 """
 
 EVALUATE_EPILOG = f"""\
 examples:
+  {PROG} evaluate run --configs sd15,realign --prompts cc500 --metrics clip,blip_itm --out outputs/eval/cc500
   {PROG} evaluate generate --config sd15 --prompts cc500 --out outputs/eval/sd15
   {PROG} evaluate generate --config refl+realign --lora outputs/refl-lora --prompts abc6k --out outputs/eval/ours
   accelerate launch -m realign_pipeline.evaluation --config sdxl --prompts geneval --out outputs/eval/sdxl
@@ -906,6 +932,8 @@ def _add_evaluate_parser(subparsers: Any) -> None:
     report.add_argument("--out", required=True, help="the report's folder")
     report.set_defaults(func=cmd_evaluate_report)
 
+    _add_evaluate_run_parser(commands)
+
     page = commands.add_parser("study-page", help="a self-contained HTML page for the human study",
                                formatter_class=_HelpFormatter,
                                epilog=f"example:\n  {PROG} evaluate study-page outputs/eval/sd15 outputs/eval/ours "
@@ -922,6 +950,127 @@ def _add_evaluate_parser(subparsers: Any) -> None:
     results.add_argument("files", nargs="+", metavar="FILE", help="the rankings the study page saved")
     results.add_argument("--out", help="also write the result as JSON here")
     results.set_defaults(func=cmd_evaluate_study_results)
+
+
+EVALUATE_RUN_DESCRIPTION = """\
+A table of the paper in one command: for each configuration and seed, generate the images of the prompt set
+(images already written are skipped, so an interrupted run resumes), score them, combine the seeds, and write
+the report of all configurations. Layout of OUT:
+
+  OUT/<config>/seed<S>/         a generation folder per seed (as `evaluate generate --seed S` writes it)
+  OUT/<config>/metrics.json     the seeds combined: mean/std over every image, per-seed means, seed_std
+  OUT/report/                   table.md, table.json, chart_<metric>.png, grid.png, grid.html
+  OUT/run.json                  settings, folders, timings
+
+Prompt i of seed S is generated from S + i. A ReFL configuration needs its checkpoint: --lora refl=PATH,
+--unet refl=PATH, or a --config-file with {"preset": "refl", "name": "...", "lora": "PATH"}.
+"""
+
+EVALUATE_RUN_EPILOG = f"""\
+examples:
+  {PROG} evaluate run --configs sd15,realign --prompts cc500 --metrics clip,blip_itm,timings --out outputs/eval/cc500
+  {PROG} evaluate run --configs sd15,refl,realign,refl+realign --lora refl=outputs/refl-lora --lora refl+realign=outputs/refl-lora --prompts abc6k --metrics clip,blip_itm --out outputs/eval/abc6k
+  {PROG} evaluate run --configs sd15 --config-file my_config.json --prompts my_prompts.txt --seeds 42 43 44 --metrics clip --model-path clip=openai/clip-vit-base-patch32 --out outputs/eval/mine
+  {PROG} evaluate run --configs sd15,realign --prompts coco5k --limit 1000 --sample-seed 0 --metrics fid,clip --real-images val2014/ --out outputs/eval/coco
+"""
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return items
+
+
+def _add_evaluate_run_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="generate (resumable), score and report several configurations: one table of the paper",
+        description=EVALUATE_RUN_DESCRIPTION,
+        epilog=EVALUATE_RUN_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--configs", type=_comma_list, nargs="+", action="extend", default=[], metavar="NAMES",
+                        help="presets or configuration JSON files, comma- or space-separated (sd15,realign,refl+realign)")
+    parser.add_argument("--config-file", dest="config_files", nargs="+", action="extend", default=[],
+                        metavar="JSON", help="configuration JSON files (more rows of the table)")
+    parser.add_argument("--prompts", required=True,
+                        help="a prompt set (cc500, abc6k, coco5k, geneval, t2icompbench-color, ...) or a prompt file")
+    parser.add_argument("--limit", type=_int_in(1, 10**9), help="only this many prompts (the first ones)")
+    parser.add_argument("--sample-seed", type=int, help="with --limit: a random subset drawn with this seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="one generation folder per seed; prompt i of seed S is generated from S + i")
+    parser.add_argument("--metrics", type=_comma_list, nargs="+", action="extend", metavar="NAMES",
+                        help="metric names, comma- or space-separated: clip, negclip, blip_itm, caption_reward, "
+                        "blip_vqa, fid, timings, ... (none given: clip,timings)")
+    parser.add_argument("--model-path", dest="model_paths", metavar="METRIC=ID_OR_PATH", type=_key_value,
+                        nargs="+", action="extend", default=[],
+                        help="the model of a metric, e.g. clip=openai/clip-vit-base-patch32")
+    parser.add_argument("--real-images", metavar="FOLDER", help="real images for fid (COCO val2014 for coco5k)")
+    parser.add_argument("--out", required=True, help="the run's folder (one sub-folder per configuration, report/)")
+    checkpoints = parser.add_argument_group("ReFL checkpoints")
+    checkpoints.add_argument("--lora", metavar="CONFIG=PATH", type=_key_value, action="append", default=[],
+                             help="a LoRA for one configuration, e.g. refl+realign=outputs/refl-lora")
+    checkpoints.add_argument("--unet", metavar="CONFIG=PATH", type=_key_value, action="append", default=[],
+                             help="a fine-tuned UNet (or pipeline) folder for one configuration")
+    run = parser.add_argument_group("devices and batches")
+    run.add_argument("--batch-size", type=_int_in(1, 1024), default=1, help="prompts per pipeline call")
+    run.add_argument("--score-batch-size", type=_int_in(1, 4096), default=8, help="images per scoring batch")
+    run.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    run.add_argument("--dtype", choices=_DTYPES, help="(default: the configuration's, else float16 on a GPU)")
+    parser.add_argument("--rescore", action="store_true", help="score again even when nothing changed")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=cmd_evaluate_run)
+
+
+def cmd_evaluate_run(args: argparse.Namespace) -> int:
+    """``realigndiff evaluate run``: generate, score and report (``evaluation.run.run_evaluation``)."""
+    from .evaluation.configs import load_config
+    from .evaluation.run import run_evaluation
+
+    names = [name for group in args.configs for name in group] + list(args.config_files)
+    if not names:
+        raise CLIError("no configuration: give --configs sd15,realign,... and/or --config-file FILE.json.", EXIT_USAGE)
+    configs = []
+    for name in names:
+        try:
+            configs.append(load_config(name))
+        except ValueError as error:
+            raise CLIError(str(error), EXIT_USAGE) from None
+    for flag, pairs in (("lora", args.lora), ("unet", args.unet)):
+        for key, value in pairs:
+            matches = [i for i, config in enumerate(configs) if config.name == key]
+            if not matches:
+                raise CLIError(f"--{flag} {key}={value}: no configuration named {key!r} "
+                               f"(the configurations: {', '.join(c.name for c in configs)}).", EXIT_USAGE)
+            for i in matches:
+                configs[i] = configs[i].replace(**{flag: str(value)})
+    metrics = [name for group in args.metrics for name in group] if args.metrics else ["clip", "timings"]
+    if args.device:
+        _device_and_dtype(argparse.Namespace(device=args.device, dtype=args.dtype or "float32"))
+    print(f"{PROG} evaluate run: {len(configs)} configuration(s) ({', '.join(c.name for c in configs)}) on "
+          f"{args.prompts}, seeds {' '.join(map(str, args.seeds))}, metrics {', '.join(metrics)} -> {args.out}",
+          flush=True)
+    try:
+        with _quiet_loading():
+            result = run_evaluation(
+                configs, args.prompts, args.out, metrics, seeds=args.seeds, limit=args.limit,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                model_paths={str(k): str(v) for k, v in args.model_paths}, progress=not args.quiet,
+                sample_seed=args.sample_seed, real_images=args.real_images, score_batch_size=args.score_batch_size,
+                rescore=args.rescore,
+            )
+    except (ValueError, FileNotFoundError) as error:
+        raise CLIError(str(error), EXIT_USAGE) from None
+    except (OSError, ConnectionError, ImportError) as error:
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise CLIError(f"a model could not be loaded ({detail}); offline? point the configuration's model / lora / "
+                       "unet, or --model-path METRIC=PATH, at a downloaded folder.", EXIT_USAGE) from None
+    for name, info in result["configs"].items():
+        values = ", ".join(f"{m} {v:.4f}" for m, v in info["metrics"].items() if isinstance(v, (int, float)))
+        print(f"{name}: generated {info['generated']}, skipped {info['skipped']}; {values} ({info['folder']})")
+    print(f"{PROG} evaluate run: {result['summary']}", flush=True)
+    return EXIT_OK
 
 
 def _evaluate_usage(parser: argparse.ArgumentParser) -> int:

@@ -1,6 +1,8 @@
-"""``python -m realign_pipeline.evaluation ...`` = ``realigndiff evaluate generate ...``.
+"""``python -m realign_pipeline.evaluation ...``: the ``realigndiff evaluate`` steps.
 
-So that accelerate can launch it on every GPU::
+``python -m realign_pipeline.evaluation run|generate|score|report|study-page|study-results ...`` is
+``realigndiff evaluate <step> ...``; without a step name the arguments are those of ``evaluate generate``, so
+that accelerate can launch generation on every GPU::
 
     accelerate launch -m realign_pipeline.evaluation --config sd15 --prompts cc500 --out outputs/eval/sd15
 
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import sys
 
+STEPS = ("run", "generate", "score", "report", "study-page", "study-results")
+
 
 def main(argv: list[str] | None = None) -> int:
     from ..cli import main as cli_main
 
-    return cli_main(["evaluate", "generate", *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in STEPS:
+        return cli_main(["evaluate", *args])
+    return cli_main(["evaluate", "generate", *args])
 
 
 if __name__ == "__main__":
