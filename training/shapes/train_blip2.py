@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from common import Checkpointer, Logger, base_parser, batch, setup
 from train_clip import holds, meaning, swapped
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, OPTConfig
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Processor,
+    OPTConfig,
+)
 
 from realign_pipeline._tiny_blip2 import _bert_tokenizer, _image_processor, tiny_opt_tokenizer
 from realign_pipeline.shapes.world import CAPTION_FORMS, COLORS, SHAPES
@@ -32,11 +38,11 @@ WORLD_WORDS = sorted({w for form in CAPTION_FORMS.values() for w in form.replace
 
 
 def _vision_qformer(text_input: bool, vocab_size: int | None = None) -> tuple[dict, dict]:
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=32, patch_size=4)
-    qformer = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   encoder_hidden_size=64, cross_attention_frequency=1, max_position_embeddings=32,
-                   use_qformer_text_input=text_input)
+    vision = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+                  "image_size": 32, "patch_size": 4}
+    qformer = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "encoder_hidden_size": 64, "cross_attention_frequency": 1, "max_position_embeddings": 32,
+                   "use_qformer_text_input": text_input}
     if vocab_size is not None:
         qformer["vocab_size"] = vocab_size
     return vision, qformer
@@ -157,10 +163,11 @@ def main() -> None:
     model.eval()
     if args.model == "captioner":
         pixels, captions, _ = batch(rng, args)
-        start = caption_inputs(model, processor, [""] * 8)[0][:, : NUM_QUERY_TOKENS + 1]
-        ids = model.generate(pixel_values=normalize(pixels[:8], processor), input_ids=start,
+        n = min(8, len(captions))
+        start = caption_inputs(model, processor, [""] * n)[0][:, : NUM_QUERY_TOKENS + 1]
+        ids = model.generate(pixel_values=normalize(pixels[:n], processor), input_ids=start,
                              attention_mask=torch.ones_like(start), max_new_tokens=16)
-        for c, g in zip(captions[:8], processor.batch_decode(ids, skip_special_tokens=True)):
+        for c, g in zip(captions[:n], processor.batch_decode(ids, skip_special_tokens=True)):
             print(f"caption {c!r} -> generated {g.strip()!r}", flush=True)
     model.save_pretrained(out / "final")
     processor.save_pretrained(out / "final")

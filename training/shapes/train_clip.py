@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from common import Checkpointer, Logger, base_parser, batch, setup
 from transformers import CLIPConfig, CLIPModel
 
@@ -50,15 +49,15 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 def make_clip() -> CLIPModel:
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=49407,
-        ),
-        vision_config=dict(
-            image_size=32, patch_size=4, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-            num_attention_heads=4,
-        ),
+        text_config={
+            "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "max_position_embeddings": MAX_LENGTH, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 4, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        },
         projection_dim=64,
     )
     return CLIPModel(config)
@@ -105,7 +104,7 @@ def main() -> None:
     step, _ = ckpt.load(rng)
     logger = Logger(out)
     while step < args.max_train_steps:
-        pixels, captions, scenes = batch(rng, args)
+        pixels, _, scenes = batch(rng, args)
         negatives = [swapped(s, rng) for s in scenes if len(s.objects) == 2]
         text_scenes = scenes + negatives
         tokens = tokenizer([s.caption for s in text_scenes], padding="max_length", max_length=MAX_LENGTH,

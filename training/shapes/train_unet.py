@@ -22,13 +22,19 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from common import Checkpointer, Logger, base_parser, batch, setup
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-)
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
 VALIDATION_PROMPTS = [
     "a red circle", "a blue square", "a green triangle", "a yellow cross",
     "a red circle and a blue square", "a green triangle to the left of a purple cross",
@@ -121,9 +127,6 @@ def main() -> None:
     )
     pipe.set_progress_bar_config(disable=True)
     alphas_cumprod = noise_scheduler.alphas_cumprod
-
-    with torch.no_grad():
-        empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
 
     running = 0.0
     while step < args.max_train_steps:

@@ -1,0 +1,39 @@
+"""The trained shapes-world models shipped with the package (see docs/shapes.md for how they were made).
+
+``shapes_model_path("pipeline")`` is a `RealignDiffPipeline` folder; ``"clip"`` the world's small CLIP;
+``"blip2-captioner"`` / ``"blip2-itm"`` its BLIP-2 captioner and matcher. The weights are stored in fp16
+to keep the package small; load them in float32 on a CPU (``load_shapes_pipeline`` does).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SHAPES_MODELS", "load_shapes_pipeline", "shapes_model_path"]
+
+SHAPES_MODELS = ("pipeline", "clip", "blip2-captioner", "blip2-itm")
+
+
+def shapes_model_path(name: str = "pipeline") -> Path:
+    """Folder of one shipped shapes-world model, loadable with ``from_pretrained``."""
+    if name not in SHAPES_MODELS:
+        raise ValueError(f"unknown shapes-world model {name!r}; choose one of {SHAPES_MODELS}")
+    path = Path(str(resources.files("realign_pipeline").joinpath("assets", "shapes", name)))
+    if not (path / "config.json").exists() and not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the shapes-world model {name!r} is not in this installation ({path}); reinstall realign-pipeline "
+            "or retrain it with the scripts in training/shapes/ (docs/shapes.md)"
+        )
+    return path
+
+
+def load_shapes_pipeline(device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """`RealignDiffPipeline.from_pretrained` on the shipped shapes-world folder, with its dense captioner."""
+    from ..pipeline import RealignDiffPipeline
+
+    pipe = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline"), torch_dtype=torch_dtype, **kwargs)
+    return pipe.to(device)
