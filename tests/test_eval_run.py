@@ -109,9 +109,9 @@ def test_combined_metrics_pool_every_image_of_every_seed(first_run, setup):
     assert entry["seed_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
     assert combined["metrics"]["timings"]["n"] == 6
     seed_entry = json.loads((out / "tiny-b" / "seed42" / "metrics.json").read_text())["metrics"]["clip"]
-    if "ci_low" in entry:  # a bootstrap CI over the pooled prompts, not one seed's
-        assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
-        assert (entry["ci_low"], entry["ci_high"]) != (seed_entry.get("ci_low"), seed_entry.get("ci_high"))
+    # a bootstrap CI over the pooled prompts, not one seed's
+    assert entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
+    assert (entry["ci_low"], entry["ci_high"]) != (seed_entry["ci_low"], seed_entry["ci_high"])
 
 
 def test_rerun_skips_generation_and_scoring(first_run, setup, capsys):

@@ -194,17 +194,11 @@ def _combine_seeds(
 
 
 def _pooled_with_ci(config: EvalConfig, folders: list[Path]) -> dict[str, Any]:
-    """Per metric, the pooled mean and the bootstrap CI over prompts (all seeds of a prompt kept together) from
-    ``score.combine_scores`` when this installation has it and the folders have per-image scores; else ``{}``."""
-    from . import score
+    """Per metric, the pooled mean and the bootstrap CI over prompts (all seeds of a prompt kept together),
+    from ``score.combine_scores``."""
+    from .score import combine_scores
 
-    combine = getattr(score, "combine_scores", None)
-    if combine is None:
-        return {}
-    try:
-        return combine(folders, name=config.name).get("metrics", {})
-    except (ValueError, FileNotFoundError, KeyError, TypeError):
-        return {}
+    return combine_scores(folders, name=config.name).get("metrics", {})
 
 
 def _seed_section(combined: dict[str, dict[str, Any]], seeds: Sequence[int]) -> str:

@@ -6,9 +6,9 @@ from .world import (
     SHAPES,
     Scene,
     ShapeObject,
+    held_out_prompts,
     render_scene,
     sample_scene,
-    held_out_prompts,
     train_batch,
 )
 
@@ -18,8 +18,8 @@ __all__ = [
     "SHAPES",
     "Scene",
     "ShapeObject",
+    "held_out_prompts",
     "render_scene",
     "sample_scene",
-    "held_out_prompts",
     "train_batch",
 ]

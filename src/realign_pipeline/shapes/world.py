@@ -28,15 +28,15 @@ __all__ = [
     "COLORS",
     "HELD_OUT_PAIRINGS",
     "SHAPES",
-    "ShapeObject",
     "Scene",
+    "ShapeObject",
     "all_pairings",
     "caption_scene",
+    "held_out_prompts",
     "is_held_out",
     "render_scene",
     "sample_scene",
     "shape_mask",
-    "held_out_prompts",
     "train_batch",
 ]
 
