@@ -1,0 +1,143 @@
+"""Measure the shipped shapes-world models for docs/shapes.md (every number there comes from this script).
+
+    python training/shapes/measure.py --models src/realign_pipeline/assets/shapes --out docs/shapes_numbers.json \
+        --samples docs/images/shapes_samples.png
+
+Perception: the checker's and the segmenter's accuracy on rendered scenes (32 and 64 px) and on renders
+passed through the trained VAE and back. Generation (plain pipeline, no re-alignment): how often the checker
+finds the prompted colored shapes, for single objects, for two-object prompts with training pairings and
+with held-out pairings. CLIP: how often the true caption beats a color swap. BLIP-2: how often the greedy
+caption names the object of a single-object render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from realign_pipeline import RealignDiffPipeline
+from realign_pipeline.shapes.checker import check_prompt, checker_accuracy
+from realign_pipeline.shapes.metric import parse_shapes_prompt
+from realign_pipeline.shapes.perception import segmenter_accuracy
+from realign_pipeline.shapes.world import COLORS, SHAPES, held_out_prompts, render_scene, sample_scene
+
+
+def vae_round_trip(vae):
+    def transform(image: PIL.Image.Image) -> PIL.Image.Image:
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return PIL.Image.fromarray(((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+    return transform
+
+
+def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 32) -> dict:
+    rows = []
+    jobs = [(p, s) for p in prompts for s in seeds]
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        images = pipe([p for p, _ in chunk], height=32, width=32, num_inference_steps=20,
+                      generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
+        for (prompt, _), image in zip(chunk, images):
+            rows.append(check_prompt(image, parse_shapes_prompt(prompt)))
+    out = {"n": len(rows)}
+    for key in ("presence", "binding", "binding_fraction", "position"):
+        values = [r[key] for r in rows if r[key] is not None]
+        if values:
+            out[key] = round(float(np.mean(values)), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--samples", default=None, help="PNG grid of samples (rows: prompts, columns: seeds)")
+    parser.add_argument("--scenes", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    models = Path(args.models)
+    start = time.time()
+    pipe = RealignDiffPipeline.from_pretrained(models / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    result: dict = {"perception": {}, "generation": {}}
+    for name, fn in (("checker", checker_accuracy), ("segmenter", segmenter_accuracy)):
+        result["perception"][name] = {
+            "rendered_32": fn(num_scenes=args.scenes, size=32, seed=1),
+            "rendered_64": fn(num_scenes=args.scenes, size=64, seed=1),
+            "vae_round_trip_32": fn(num_scenes=args.scenes, size=32, seed=1, transform=vae_round_trip(pipe.vae)),
+        }
+    seeds = list(range(args.seeds))
+    singles = [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    held_out = [r["prompt"] for r in held_out_prompts()]
+    rng = random.Random(7)
+    held_in = [sample_scene(rng, split="train", num_objects=2).caption for _ in range(len(held_out))]
+    result["generation"] = {
+        "single_objects": generation_scores(pipe, singles, seeds),
+        "two_objects_training_pairings": generation_scores(pipe, held_in, seeds[:2]),
+        "two_objects_held_out_pairings": generation_scores(pipe, held_out, seeds[:2]),
+        "chance": {"single_shape": 1 / len(SHAPES), "single_colored_shape": 1 / (len(SHAPES) * len(COLORS))},
+    }
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip, processor = CLIPModel.from_pretrained(models / "clip").eval(), CLIPProcessor.from_pretrained(models / "clip")
+    scenes = [sample_scene(random.Random(i), num_objects=2) for i in range(400)]
+    swapped = []
+    for scene in scenes:
+        a, b = scene.objects
+        swapped.append(scene.caption.replace(a.color, "@").replace(b.color, a.color).replace("@", b.color))
+    wins = 0
+    for i in range(0, len(scenes), 100):
+        chunk = scenes[i : i + 100]
+        inputs = processor(text=[s.caption for s in chunk] + swapped[i : i + 100],
+                           images=[render_scene(s) for s in chunk], return_tensors="pt", padding="max_length",
+                           max_length=16)
+        with torch.no_grad():
+            logits = clip(**inputs).logits_per_image
+        n = len(chunk)
+        wins += int((logits[torch.arange(n), torch.arange(n)] > logits[torch.arange(n), n + torch.arange(n)]).sum())
+    result["clip_true_caption_beats_color_swap"] = wins / len(scenes)
+
+    if (models / "blip2-captioner").exists():
+        from realign_pipeline.rewards import CaptionReward
+
+        reward = CaptionReward(captioner=str(models / "blip2-captioner"), text_encoder=str(models / "blip2-itm"))
+        singles_scenes = [sample_scene(random.Random(i), num_objects=1) for i in range(200)]
+        captions = reward.captions([render_scene(s) for s in singles_scenes])
+        result["blip2_caption_names_the_object"] = float(np.mean(
+            [s.objects[0].phrase in c for s, c in zip(singles_scenes, captions)]))
+        result["blip2_caption_examples"] = [[s.caption, c] for s, c in list(zip(singles_scenes, captions))[:5]]
+
+    if args.samples:
+        prompts = singles[::3] + held_out[::24]
+        images = pipe([p for p in prompts for _ in seeds], height=32, width=32, num_inference_steps=20,
+                      generator=[torch.Generator().manual_seed(s) for _ in prompts for s in seeds]).images
+        cell = 64
+        grid = PIL.Image.new("RGB", (cell * len(seeds) + 330, cell * len(prompts)), (255, 255, 255))
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(grid)
+        for row, prompt in enumerate(prompts):
+            draw.text((4, row * cell + cell // 2 - 6), prompt, fill=(0, 0, 0))
+            for col in range(len(seeds)):
+                image = images[row * len(seeds) + col].resize((cell, cell), PIL.Image.Resampling.NEAREST)
+                grid.paste(image, (330 + col * cell, row * cell))
+        Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
+        grid.save(args.samples)
+    result["wall_s"] = round(time.time() - start, 1)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
