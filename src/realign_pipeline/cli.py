@@ -529,7 +529,8 @@ def _add_generate_parser(subparsers: Any) -> None:
     parser.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--out", default="outputs/generate", help="folder for the images, layouts and pictures")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x hub id or local folder")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x hub id or local "
+                       "folder; `shapes` = the trained shapes world shipped with the package (offline, CPU)")
     model.add_argument("--lora", metavar="ID_OR_PATH", help="LoRA weights (e.g. a ReFL LoRA) loaded with load_lora_weights")
     model.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
     model.add_argument("--dtype", choices=_DTYPES, help="(default: float16 on a GPU, float32 on the CPU)")
@@ -635,6 +636,12 @@ def _make_llm(args: argparse.Namespace, notes: list[str]):
         raise _load_error("local LLM", args.llm_model, error, "--llm-model") from None
 
 
+def _default_captioner_options(args: argparse.Namespace) -> bool:
+    """True when no captioner model was chosen on the command line."""
+    return (args.tagger_model, args.detector, args.segmenter, args.tag_threshold) == (
+        DEFAULT_TAGGER, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, None)
+
+
 def _make_captioner(args: argparse.Namespace, device: str, dtype, notes: list[str]):
     """The dense captioner with every model loaded now (so a missing model fails before any generation)."""
     from .captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder
@@ -707,9 +714,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{PROG} generate: running on the CPU in float32; a real model takes minutes per image.", flush=True)
 
     start = time.perf_counter()
+    model = args.model
+    if model in ("shapes", "shapes:pipeline"):
+        from .shapes.pretrained import shapes_model_path
+
+        try:
+            model = str(shapes_model_path("pipeline"))
+        except FileNotFoundError as error:
+            raise CLIError(str(error)) from None
     try:
         with _collect_warnings(notes):
-            pipe = RealignDiffPipeline.from_pretrained(args.model, dtype=dtype, safety_checker=None,
+            pipe = RealignDiffPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except _LOAD_ERRORS as error:
         raise _load_error("model", args.model, error, "--model") from None
@@ -726,7 +741,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if hand_layout is None and args.realign is not False:
         start = time.perf_counter()
         try:
-            pipe.dense_captioner = _make_captioner(args, device, dtype, notes)
+            if pipe.dense_captioner is not None and _default_captioner_options(args):
+                # the captioner saved with the model (e.g. the shapes world's) fits it better than the defaults
+                if args.llm != "rule":
+                    pipe.dense_captioner.llm = _make_llm(args, notes)
+                notes.append("using the dense captioner saved with the model (pass --tagger-model/--detector/"
+                             "--segmenter to replace it)")
+            else:
+                pipe.dense_captioner = _make_captioner(args, device, dtype, notes)
             realign = True
         except CLIError as error:
             if args.realign:  # asked for explicitly: a missing captioner model is an error
