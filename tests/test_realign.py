@@ -225,3 +225,9 @@ def test_captioning_has_its_own_progress_bar(pipe, capsys):
         pipe.set_progress_bar_config(disable=True)
     err = capsys.readouterr().err
     assert "dense captioning" in err and "2/2" in err
+
+
+def test_an_outputs_layout_can_be_fed_back(pipe):
+    out = run(pipe, realign=True)
+    again = run(pipe, layout=out.layouts[0])
+    torch.testing.assert_close(out.images, again.images, atol=2e-5, rtol=0)

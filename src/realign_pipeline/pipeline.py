@@ -88,9 +88,14 @@ def _as_layout(value: Any, where: str) -> Layout | None:
         return value
     if isinstance(value, dict):
         return Layout.from_dict(value)
+    if isinstance(value, ResolvedLayout):  # an output's ``layouts[i]``, fed back in
+        return Layout(list(value.regions), source=value.source)
     if isinstance(value, (list, tuple)) and all(isinstance(v, Region) for v in value):
         return Layout(value)
-    raise LayoutError(f"{where}: expected a Layout (or its dict, or a list of Regions), got {type(value).__name__}.")
+    raise LayoutError(
+        f"{where}: expected a Layout (or its dict, a list of Regions, or an output's layouts[i]), got "
+        f"{type(value).__name__}."
+    )
 
 
 def expand_layouts(layout: Any, batch_size: int, num_images_per_prompt: int) -> list[Layout | None] | None:

@@ -31,9 +31,9 @@ def shapes_model_path(name: str = "pipeline") -> Path:
     return path
 
 
-def load_shapes_pipeline(device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32, **kwargs: Any):
+def load_shapes_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any):
     """`RealignDiffPipeline.from_pretrained` on the shipped shapes-world folder, with its dense captioner."""
     from ..pipeline import RealignDiffPipeline
 
-    pipe = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline"), torch_dtype=torch_dtype, **kwargs)
+    pipe = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline"), dtype=dtype, **kwargs)
     return pipe.to(device)
