@@ -170,7 +170,11 @@ def _combine_seeds(
     (folder / SEEDS_MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     scored = {seed: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for seed, f in seed_folders.items()}
+    from .score import SHAPES_FIELDS
+
     keep = set(wanted) | ({"blip_itc"} if "blip_itm" in wanted else set())
+    if "shapes" in wanted:  # the shapes metric writes shapes_presence, shapes_binding, ...
+        keep |= {f"shapes_{f}" for f in SHAPES_FIELDS}
     names = [m for m in dict.fromkeys(m for s in scored.values() for m in s.get("metrics", {})) if m in keep]
     metrics = {}
     for name in names:

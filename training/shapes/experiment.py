@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""The shapes-world experiment: the paper's Tables 2 and 3 (and the two caption objectives) in one command.
+
+    python training/shapes/experiment.py --out outputs/shapes-experiment [--models DIR] [--quick]
+        [--refl-steps N] [--seeds 0 1 2] [--limit N]
+
+Steps (each resumable: rerunning skips finished work):
+
+1. ReFL data (``make_refl_data.py``): training-split scenes for ``L_pre`` and training-split reward prompts.
+2. Four ReFL LoRAs of the shapes UNet, each a ``training/train_refl.py`` subprocess (plain ``python``, one
+   thread) at 32 px with a shapes-world model as the reward (:data:`REFL_RUNS`): ``refl-caption-likelihood``
+   and ``refl-caption-scorefn`` (Eq. 4's caption reward with either differentiable objective), ``refl-clip``
+   (the world's small CLIP) and ``refl-blip`` (the BLIP-2 ITM match probability). A run whose LoRA and
+   ``train_stats.json`` exist with the same settings is skipped; an interrupted one resumes from its latest
+   checkpoint.
+3. ``run_evaluation`` on ``shapes-heldout`` (held-out pairings only) with the metrics ``shapes`` (the world's
+   checker: presence, binding, position) and ``caption_reward`` (Eq. 4 with the shapes BLIP-2 models) for
+   ``shapes`` (base), ``shapes-realign`` (+ fine stage) and, per LoRA, ``<run>`` (+ ReFL) and
+   ``<run>+realign`` (both).
+4. ``table2.md`` / ``table2.json`` (Table 2: base, + fine stage, + ReFL with the caption reward, both),
+   ``table3.md`` / ``table3.json`` (Table 3: ReFL with the caption vs the CLIP vs the BLIP-2 reward),
+   ``objectives.md`` / ``objectives.json`` (likelihood vs score-function caption objective), every cell
+   ``mean [95% CI]`` (prompt-clustered bootstrap, seeds pooled); the sample grid ``eval/report/grid.png``; and
+   ``experiment.json`` (settings and timings).
+
+``--models DIR`` is a folder with ``pipeline/``, ``clip/``, ``blip2-captioner/`` and ``blip2-itm/`` (default:
+the shipped ``realign_pipeline/assets/shapes``). ``--quick`` (the test): 4 prompts, 1 seed, 2 ReFL steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+import torch
+from make_refl_data import make_refl_data
+
+TRAIN_REFL = _HERE.parent / "train_refl.py"
+MODEL_NAMES = ("pipeline", "clip", "blip2-captioner", "blip2-itm")
+#: Caption length limit for sampling / greedy captions. The shapes captions have at most 10 words, and the
+#: BLIP-2 ITM Q-Former has 32 positions while its tokenizer says 64: 30 sampled words overflow it.
+MAX_CAPTION_TOKENS = 16
+
+#: ReFL settings shared by every run (the shapes UNet samples with 20 DDIM steps, as the evaluation does).
+#: The gradient is taken at one of the last 5 of 20 steps (the paper: one of the last 20 of 50 is ReFL's,
+#: scaled to where a 32 px image is already legible). LoRA rank 8 on the attention projections, lr 2e-4
+#: (the small UNet moves little at 1e-5 in a few hundred steps), batch 4, constant schedule, seed 0.
+REFL_COMMON: dict[str, Any] = {
+    "resolution": 32,
+    "num_inference_steps": 20,
+    "grad_step_range": (15, 20),
+    "rank": 8,
+    "learning_rate": 2e-4,
+    "train_batch_size": 4,
+    "pretrain_loss_weight": 1.0,
+    "reward_margin": 1.0,
+    "seed": 0,
+}
+
+#: The four ReFL runs. ``reward_weight`` (lambda of Eq. 5) is set so that lambda times the reward's
+#: matched-vs-mismatched gap is about 0.1, the size of L_pre (v-prediction MSE): likelihood gap ~2 nats
+#: (-> 0.05), Eq. 4 cosine gap ~0.4 (-> 0.25), CLIP cosine gap ~1 (-> 0.1), ITM probability gap ~1 (-> 0.1).
+#: The margin 1.0 keeps the hinge active for all four (none of the objectives exceeds 1), so the reward term
+#: is linear in the reward.
+REFL_RUNS: dict[str, dict[str, Any]] = {
+    "refl-caption-likelihood": {"reward": "caption", "reward_objective": "likelihood", "reward_weight": 0.05},
+    "refl-caption-scorefn": {"reward": "caption", "reward_objective": "score_function", "reward_weight": 0.25},
+    "refl-clip": {"reward": "clip", "reward_weight": 0.1},
+    "refl-blip": {"reward": "blip", "reward_weight": 0.1},
+}
+
+FULL = {"refl_steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512, "num_prompts": 256}
+QUICK = {"refl_steps": 2, "seeds": [0], "limit": 4, "num_images": 16, "num_prompts": 16}
+
+#: Table columns: (metrics.json entry, header).
+COLUMNS = (
+    ("shapes_presence", "object presence"),
+    ("shapes_binding", "attribute binding"),
+    ("shapes_position", "position"),
+    ("caption_reward", "caption reward (Eq. 4)"),
+)
+
+
+def shapes_models(models: str | os.PathLike | None) -> dict[str, Path]:
+    """``{name: folder}`` of the four shapes models in `models` (default: the shipped assets folder)."""
+    if models is None:
+        from realign_pipeline.shapes.pretrained import shapes_model_path
+
+        return {name: shapes_model_path(name) for name in MODEL_NAMES}  # FileNotFoundError says what is missing
+    root = Path(models)
+    found = {name: root / name for name in MODEL_NAMES}
+    missing = [n for n, p in found.items() if not (p / "config.json").is_file() and not (p / "model_index.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--models {root}: missing {missing} (each a from_pretrained folder: pipeline/ with model_index.json, "
+            "clip/, blip2-captioner/, blip2-itm/ with config.json); see training/shapes/ for how to train them."
+        )
+    return {name: p.resolve() for name, p in found.items()}
+
+
+# --- ReFL ----------------------------------------------------------------------------------------------------
+def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int) -> list[str]:
+    """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`)."""
+    spec = {**REFL_COMMON, **REFL_RUNS[name]}
+    cmd = [sys.executable, str(TRAIN_REFL),
+           "--pretrained_model_name_or_path", str(models["pipeline"]),
+           "--reward", spec["reward"],
+           "--reward_weight", str(spec["reward_weight"]), "--reward_margin", str(spec["reward_margin"]),
+           "--prompts_file", data["prompts_file"], "--train_data_dir", data["pairs"],
+           "--pretrain_loss_weight", str(spec["pretrain_loss_weight"]),
+           "--resolution", str(spec["resolution"]), "--num_inference_steps", str(spec["num_inference_steps"]),
+           "--grad_step_range", *map(str, spec["grad_step_range"]),
+           "--use_lora", "--rank", str(spec["rank"]), "--learning_rate", str(spec["learning_rate"]),
+           "--train_batch_size", str(spec["train_batch_size"]), "--max_train_steps", str(steps),
+           "--seed", str(spec["seed"]), "--checkpointing_steps", str(max(25, steps // 4)),
+           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+           "--report_to", "none", "--output_dir", str(output_dir)]
+    if spec["reward"] == "caption":
+        cmd += ["--reward_model_path", str(models["blip2-captioner"]),
+                "--reward_text_model_path", str(models["blip2-itm"]),
+                "--reward_objective", spec["reward_objective"],
+                "--reward_kwargs", json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS})]
+    else:
+        cmd += ["--reward_model_path", str(models["clip" if spec["reward"] == "clip" else "blip2-itm"])]
+    return cmd
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    src = str(_HERE.parent.parent / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int) -> dict[str, Any]:
+    """Train (or skip / resume) one ReFL LoRA into ``out/<name>``; returns its record for experiment.json."""
+    folder = out / name
+    cmd = refl_command(name, models, data, folder, steps)
+    settings = {"command": [str(c) for c in cmd[1:]], "steps": steps}
+    lora, stats_file, settings_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json", \
+        folder / "experiment_settings.json"
+    record: dict[str, Any] = {"folder": str(folder), "lora": str(lora), "steps": steps, **REFL_RUNS[name]}
+    saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
+    if lora.is_file() and stats_file.is_file() and saved == settings:
+        return {**record, "skipped": True, **json.loads(settings_file.with_name("experiment_timing.json")
+                                                       .read_text(encoding="utf-8"))}
+    if saved is not None and saved != settings:  # other settings: start over
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    lora.unlink(missing_ok=True)
+    stats_file.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with (folder / "train.log").open("a", encoding="utf-8") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0 or not lora.is_file():
+        tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise RuntimeError(f"ReFL run {name} failed (exit {done.returncode}); log {folder / 'train.log'}:\n{tail}")
+    timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3)}
+    (folder / "experiment_timing.json").write_text(json.dumps(timing) + "\n", encoding="utf-8")
+    return {**record, "skipped": False, **timing}
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+def caption_reward_metric(models: dict[str, Path]):
+    """Eq. 4 as a metric with the given shapes BLIP-2 models (float32, CPU), with a stable ``str`` so that
+    ``run_evaluation`` recognises a folder scored by the same models and skips it."""
+    from realign_pipeline.evaluation.metrics import CaptionRewardScore
+
+    class ShapesCaptionReward(CaptionRewardScore):
+        def __str__(self) -> str:
+            return f"caption_reward({models['blip2-captioner']}, {models['blip2-itm']}, {MAX_CAPTION_TOKENS})"
+
+    metric = ShapesCaptionReward.from_pretrained(str(models["blip2-captioner"]), device="cpu", dtype=torch.float32,
+                                                 text_encoder=str(models["blip2-itm"]),
+                                                 max_new_tokens=MAX_CAPTION_TOKENS)
+    return metric
+
+
+def eval_configs(models: dict[str, Path], loras: dict[str, str]) -> list:
+    """base, + fine stage, and per LoRA + ReFL and both: :class:`EvalConfig` on the given pipeline folder."""
+    from realign_pipeline.evaluation.configs import load_config
+
+    pipeline = str(models["pipeline"])
+    configs = [load_config("shapes").replace(model=pipeline), load_config("shapes-realign").replace(model=pipeline)]
+    for name, lora in loras.items():
+        configs.append(load_config("shapes-refl").replace(name=name, lora=lora, model=pipeline,
+                                                          description=f"shapes + ReFL LoRA {name}"))
+        configs.append(load_config("shapes-refl+realign").replace(
+            name=f"{name}+realign", lora=lora, model=pipeline, description=f"shapes + ReFL LoRA {name} + fine stage"))
+    return configs
+
+
+def heldout_records(limit: int | None, seed: int = 0) -> list:
+    """The ``shapes-heldout`` prompts; with `limit`, a seeded subset balanced over the caption forms (and, with,
+    left, right) so that even 4 prompts have a position value."""
+    from realign_pipeline.evaluation.prompts import load_prompts
+
+    records = load_prompts("shapes-heldout")
+    if limit is None or limit >= len(records):
+        return records
+    rng = random.Random(seed)
+    groups: dict[str, list] = {}
+    for record in records:
+        groups.setdefault(str((record.metadata or {}).get("form")), []).append(record)
+    for group in groups.values():
+        rng.shuffle(group)
+    picked, order = [], sorted(groups)
+    while len(picked) < limit:
+        for form in order:
+            if groups[form] and len(picked) < limit:
+                picked.append(groups[form].pop())
+    return picked
+
+
+# --- tables --------------------------------------------------------------------------------------------------
+def _cell(entry: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    if not entry or entry.get("mean") is None or math.isnan(entry["mean"]):
+        return "—", {"mean": None, "ci": None, "n": None}
+    mean, lo, hi = entry["mean"], entry.get("ci_low"), entry.get("ci_high")
+    ci = None if lo is None or hi is None else [lo, hi]
+    text = f"{mean:.3f}" + ("" if ci is None else f" [{lo:.3f}, {hi:.3f}]")
+    return text, {"mean": mean, "ci": ci, "n": entry.get("n")}
+
+
+def write_table(path: Path, title: str, note: str, rows: list[tuple[str, str]], eval_dir: Path) -> dict[str, Any]:
+    """``path``.md and .json: one row per (label, configuration), the :data:`COLUMNS` as mean [95% CI]."""
+    from realign_pipeline.evaluation.run import config_folder_name
+
+    lines = [f"# {title}", "", note, "",
+             "| | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    table: dict[str, Any] = {"title": title, "columns": [m for m, _ in COLUMNS], "rows": []}
+    for label, config in rows:
+        metrics = json.loads((eval_dir / config_folder_name(config) / "metrics.json").read_text(encoding="utf-8"))
+        cells = [_cell(metrics["metrics"].get(m)) for m, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(c[0] for c in cells) + " |")
+        table["rows"].append({"label": label, "config": config,
+                              "values": {m: c[1] for (m, _), c in zip(COLUMNS, cells, strict=True)}})
+    lines += ["", ("Mean over every image of every seed; [95% CI]: prompt-clustered percentile bootstrap (2000 "
+                   "resamples, seeds of a prompt kept together). Position: the left/right prompts only."), ""]
+    path.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
+    path.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    return table
+
+
+def write_tables(out: Path, eval_dir: Path, num_prompts: int, seeds: list[int]) -> dict[str, Any]:
+    """Table 2, Table 3 and the caption-objective comparison from the evaluation's metrics.json files."""
+    scope = f"shapes-heldout ({num_prompts} prompts, held-out pairings), seeds {', '.join(map(str, seeds))}."
+    return {
+        "table2": write_table(
+            out / "table2", "Table 2 (shapes world): the two stages",
+            "Paper Table 2's layout: base model, + fine stage (RealignDiff's re-aligned sampling), + coarse stage "
+            "(ReFL with the caption reward, likelihood objective), both. " + scope,
+            [("base", "shapes"), ("+ fine stage", "shapes-realign"),
+             ("+ ReFL (caption reward)", "refl-caption-likelihood"),
+             ("+ ReFL + fine stage", "refl-caption-likelihood+realign")], eval_dir),
+        "table3": write_table(
+            out / "table3", "Table 3 (shapes world): the ReFL reward",
+            "Paper Table 3's layout: ReFL with the caption reward (Eq. 4, likelihood objective) vs the world's "
+            "CLIP vs the BLIP-2 ITM match probability, without and with the fine stage. " + scope,
+            [("caption reward", "refl-caption-likelihood"), ("CLIP", "refl-clip"), ("BLIP-2 ITM", "refl-blip"),
+             ("caption reward + fine stage", "refl-caption-likelihood+realign"),
+             ("CLIP + fine stage", "refl-clip+realign"), ("BLIP-2 ITM + fine stage", "refl-blip+realign")],
+            eval_dir),
+        "objectives": write_table(
+            out / "objectives", "The caption reward's differentiable objectives",
+            "ReFL with Eq. 4's caption reward through the teacher-forced likelihood of the prompt vs the "
+            "score-function (REINFORCE) estimate of the expected Eq. 4 reward (docs/rewards.md). " + scope,
+            [("likelihood", "refl-caption-likelihood"), ("score function", "refl-caption-scorefn"),
+             ("likelihood + fine stage", "refl-caption-likelihood+realign"),
+             ("score function + fine stage", "refl-caption-scorefn+realign")], eval_dir),
+    }
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+def run_experiment(
+    out: str | os.PathLike,
+    models: str | os.PathLike | None = None,
+    quick: bool = False,
+    refl_steps: int | None = None,
+    seeds: list[int] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every number and figure of the shapes experiment into `out` (steps: the module docstring)."""
+    from realign_pipeline.evaluation.run import run_evaluation
+
+    torch.set_num_threads(1)
+    start_all = time.perf_counter()
+    preset = QUICK if quick else FULL
+    steps = int(refl_steps if refl_steps is not None else preset["refl_steps"])
+    seeds = [int(s) for s in (seeds if seeds is not None else preset["seeds"])]
+    limit = limit if limit is not None else preset["limit"]
+    if steps < 1:
+        raise ValueError("--refl-steps must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = shapes_models(models)
+    timings: dict[str, Any] = {}
+
+    start = time.perf_counter()
+    data = make_refl_data(out / "refl-data", num_images=preset["num_images"], num_prompts=preset["num_prompts"])
+    timings["refl_data"] = round(time.perf_counter() - start, 2)
+
+    runs = {}
+    for name in REFL_RUNS:
+        print(f"[experiment] ReFL {name}: {steps} step(s)", flush=True)
+        runs[name] = train_refl_run(name, paths, data, out / "refl", steps)
+    timings["refl"] = {n: {k: r.get(k) for k in ("seconds", "seconds_per_step", "skipped")} for n, r in runs.items()}
+
+    print("[experiment] evaluation", flush=True)
+    eval_dir = out / "eval"
+    result = run_evaluation(
+        eval_configs(paths, {n: r["folder"] for n, r in runs.items()}), heldout_records(limit), eval_dir,
+        metrics=["shapes", "caption_reward"], seeds=seeds,
+        batch_size=batch_size, device="cpu", dtype=torch.float32,
+        model_paths={"caption_reward": caption_reward_metric(paths)}, progress=progress,
+    )
+    timings["evaluation"] = result["seconds"]
+    if result["generated"]:
+        timings["evaluation"]["images_generated"] = result["generated"]
+        timings["evaluation"]["seconds_per_image"] = round(result["seconds"]["generate"] / result["generated"], 4)
+
+    start = time.perf_counter()
+    tables = write_tables(out, eval_dir, result["num_prompts"], seeds)
+    timings["tables"] = round(time.perf_counter() - start, 2)
+    timings["total"] = round(time.perf_counter() - start_all, 2)
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+        "quick": quick,
+        "models": {k: str(v) for k, v in paths.items()},
+        "refl_steps": steps,
+        "refl_common": {k: list(v) if isinstance(v, tuple) else v for k, v in REFL_COMMON.items()},
+        "refl_runs": runs,
+        "refl_data": data,
+        "max_caption_tokens": MAX_CAPTION_TOKENS,
+        "prompts": "shapes-heldout",
+        "num_prompts": result["num_prompts"],
+        "seeds": seeds,
+        "limit": limit,
+        "evaluation": {"summary": result["summary"], "report": result["report"], "configs": result["configs"]},
+        "tables": {k: str(out / f"{k}.md") for k in tables},
+        "grid": result["report"].get("grid_png"),
+        "timings": timings,
+    }
+    (out / "experiment.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The shapes-world Tables 2 and 3 (+ caption objectives), one command.")
+    parser.add_argument("--out", required=True, help="output folder (rerunning skips finished work)")
+    parser.add_argument("--models", default=None,
+                        help="folder with pipeline/, clip/, blip2-captioner/, blip2-itm/ (default: shipped assets)")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 2 ReFL steps (a smoke test)")
+    parser.add_argument("--refl-steps", type=int, default=None, help=f"ReFL steps per run (default {FULL['refl_steps']})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0 1 2)")
+    parser.add_argument("--limit", type=int, default=None, help="a seeded subset of this many held-out prompts")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call in the evaluation")
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    args = parser.parse_args(argv)
+    record = run_experiment(args.out, args.models, args.quick, args.refl_steps, args.seeds, args.limit,
+                            args.batch_size, args.progress)
+    print(record["evaluation"]["summary"])
+    for name in record["tables"].values():
+        print(Path(name).read_text(encoding="utf-8"))
+    print(json.dumps(record["timings"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
