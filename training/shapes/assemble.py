@@ -84,8 +84,12 @@ def main() -> None:
         if not final.exists():
             continue
         shutil.rmtree(out / name, ignore_errors=True)
-        cls.from_pretrained(final).to(torch.float16).save_pretrained(out / name)
-        Blip2Processor.from_pretrained(final).save_pretrained(out / name)
+        model = cls.from_pretrained(final)
+        model.to(torch.float16).save_pretrained(out / name)
+        processor = Blip2Processor.from_pretrained(final)
+        if name == "blip2-itm":  # the Q-Former text encoder has this many positions; longer texts must be cut
+            processor.tokenizer.model_max_length = model.config.qformer_config.max_position_embeddings
+        processor.save_pretrained(out / name)
         summary[name] = _summary(runs / name)
     _load_as_float32(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

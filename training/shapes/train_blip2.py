@@ -68,6 +68,7 @@ def make_captioner() -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
 def make_itm() -> tuple[Blip2ForImageTextRetrieval, Blip2Processor]:
     processor = Blip2Processor(image_processor=_image_processor(32), tokenizer=_bert_tokenizer())
     vision, qformer = _vision_qformer(text_input=True, vocab_size=len(processor.tokenizer))
+    processor.tokenizer.model_max_length = qformer["max_position_embeddings"]  # texts longer than that are cut
     config = Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=NUM_QUERY_TOKENS,
                          image_text_hidden_size=64, image_token_index=None)
     return Blip2ForImageTextRetrieval(config), processor
