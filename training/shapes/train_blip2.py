@@ -32,6 +32,7 @@ from realign_pipeline._tiny_blip2 import _bert_tokenizer, _image_processor, tiny
 from realign_pipeline.shapes.world import CAPTION_FORMS, COLORS, SHAPES
 
 NUM_QUERY_TOKENS = 8
+ITC_TEMPERATURE = 0.07
 WORLD_WORDS = sorted({w for form in CAPTION_FORMS.values() for w in form.replace("{", " ").replace("}", " ").split()
                       if w.isalpha() and w not in {"left", "right", "a", "b"}} | {"a", "left", "right"}
                      | set(COLORS) | set(SHAPES))
@@ -111,7 +112,8 @@ def itm_loss(model, processor, pixels, scenes, rng) -> tuple[torch.Tensor, dict]
     enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
     out = model(pixel_values=pixel_values, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                 use_image_text_matching_head=False)
-    logits = out.logits_per_image  # (B, B), max over queries, already scaled by the learned temperature
+    # transformers returns the raw cosine (max over queries); BLIP-2's ITC divides it by a temperature (0.07)
+    logits = out.logits_per_image / ITC_TEMPERATURE
     match = torch.tensor([[holds(meaning(t), s) for t in scenes] for s in scenes], dtype=torch.bool)
     i2t = logits.log_softmax(1).masked_fill(~match, float("-inf")).logsumexp(1).mean()
     t2i = logits.t().log_softmax(1).masked_fill(~match.t(), float("-inf")).logsumexp(1).mean()
