@@ -5,10 +5,9 @@
     python examples/prompt_sets.py abc6k --limit 5 --seed 0
     python examples/prompt_sets.py my_prompts.txt        # a .txt / .csv / .tsv / .jsonl file of your own
 
-Not built yet: ``realigndiff evaluate`` (generate a prompt set, score it and print the paper's tables) does
-not exist yet. The metrics do (``realign_pipeline.evaluation.metrics``, ``evaluation.fid``, see
-docs/evaluation.md); this script only loads and inspects the prompts. Everything here is offline (the sets ship with the package); ``--tiny``
-is accepted for symmetry with the other examples and changes nothing.
+This script only loads and inspects the prompts; ``examples/evaluate_prompt_set.py`` (or ``realigndiff
+evaluate run``) generates a set, scores it and prints the table. Everything here is offline (the sets ship
+with the package); ``--tiny`` is accepted for symmetry with the other examples and changes nothing.
 """
 
 import argparse

@@ -34,7 +34,8 @@ def image(path: Path, size: int = 32) -> np.ndarray:
 
 def test_every_example_has_help_and_a_tiny_option():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["layout_generate.py", "load_refl_lora.py", "prompt_sets.py", "realign_generate.py"]
+    assert scripts == ["evaluate_prompt_set.py", "layout_generate.py", "load_refl_lora.py", "prompt_sets.py",
+                       "realign_generate.py"]
     for script in scripts:
         source = (EXAMPLES / script).read_text()
         assert "--tiny" in source and source.startswith('"""')
@@ -119,3 +120,11 @@ def test_prompt_sets():
     table = run_example("prompt_sets.py", "cc500", "--limit", "3", "--tiny").stdout.splitlines()
     assert table[1].split(maxsplit=2) == ["000", "cc500", "a green bench and a red car"]
     assert table[-1].startswith("3 prompts")
+
+
+def test_evaluate_prompt_set_prints_the_table(tmp_path):
+    result = run_example("evaluate_prompt_set.py", "--tiny", "--out", str(tmp_path))
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny")]
+    assert [row.split("|")[1].strip() for row in rows] == ["tiny", "tiny+realign"]
+    assert all(row.split("|")[2].strip() == "3" for row in rows)  # three images each
+    assert (tmp_path / "report" / "table.json").exists() and (tmp_path / "report" / "grid.png").exists()
