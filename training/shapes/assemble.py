@@ -31,11 +31,13 @@ from realign_pipeline import RealignDiffPipeline
 
 
 def _summary(run: Path) -> dict:
+    """Steps of the shipped weights (the last checkpoint's step: a run may have logged past it before it was
+    stopped and finished from that checkpoint), wall time and the last logged values up to that step."""
+    step = int(torch.load(run / "checkpoint" / "state.pt", weights_only=False)["step"])
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
-    losses = [x for x in lines if "loss" in x]
-    last = {k: v for x in lines[-4:] for k, v in x.items()}
-    return {"steps": losses[-1]["step"] if losses else 0, "wall_s": lines[-1]["elapsed_s"] if lines else 0,
-            "last": last, "log": str(run / "log.jsonl")}
+    lines = [x for x in lines if x["step"] <= step]
+    last = {k: v for x in lines if x["step"] > step - 200 for k, v in x.items()}
+    return {"steps": step, "wall_s": lines[-1]["elapsed_s"] if lines else 0, "last": last}
 
 
 def _load_as_float32(folder: Path) -> None:
