@@ -32,7 +32,7 @@ def main() -> None:
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     jobs = [(r.text, s) for r in load_prompts("shapes-heldout", limit=args.limit, seed=0) for s in args.seeds]
-    images = pipe([p for p, _ in jobs], height=32, width=32, num_inference_steps=20,
+    images = pipe([p for p, _ in jobs], height=32, width=32, num_inference_steps=20, guidance_scale=4.0,
                   generator=[torch.Generator().manual_seed(s) for _, s in jobs]).images
     counts = {"images": len(jobs), "checker_binding": 0, "segmenter_binding": 0, "agree": 0,
               "only_checker_fails": 0, "only_segmenter_fails": 0}

@@ -28,6 +28,9 @@ from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.perception import segmenter_accuracy
 from realign_pipeline.shapes.world import COLORS, SHAPES, held_out_prompts, render_scene, sample_scene
 
+#: The guidance the UNet was validated with and the shapes presets use.
+GUIDANCE = 4.0
+
 
 def vae_round_trip(vae):
     def transform(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -44,7 +47,7 @@ def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 3
     jobs = [(p, s) for p in prompts for s in seeds]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
-        images = pipe([p for p, _ in chunk], height=32, width=32, num_inference_steps=20,
+        images = pipe([p for p, _ in chunk], height=32, width=32, num_inference_steps=20, guidance_scale=GUIDANCE,
                       generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
         for (prompt, _), image in zip(chunk, images):
             rows.append(check_prompt(image, parse_shapes_prompt(prompt)))
@@ -120,7 +123,7 @@ def main() -> None:
 
     if args.samples:
         prompts = singles[::3] + held_out[::24]
-        images = pipe([p for p in prompts for _ in seeds], height=32, width=32, num_inference_steps=20,
+        images = pipe([p for p in prompts for _ in seeds], height=32, width=32, num_inference_steps=20, guidance_scale=GUIDANCE,
                       generator=[torch.Generator().manual_seed(s) for _ in prompts for s in seeds]).images
         cell = 64
         grid = PIL.Image.new("RGB", (cell * len(seeds) + 330, cell * len(prompts)), (255, 255, 255))
