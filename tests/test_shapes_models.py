@@ -150,3 +150,18 @@ def test_the_demo_draws_real_pictures_of_the_shapes_world(tmp_path):
     for seed in summary["seeds"]:
         image = PIL.Image.open(tmp_path / f"realigned_{seed}.png")
         assert image.size == (32, 32)
+
+
+def test_the_demo_takes_a_prompt_outside_the_caption_forms(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--prompt", "a red square above a green circle",
+         "--out", str(tmp_path), "--steps", "5", "-q"],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "judges only the world's caption forms" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(row["coarse"]["binding"] is None and isinstance(row["coarse"]["seen"], list) for row in summary["images"])

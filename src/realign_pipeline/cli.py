@@ -111,7 +111,7 @@ layout-guided, and --tiny writes:
 DEMO_EPILOG = f"""\
 examples:
   {PROG} demo
-  {PROG} demo --prompt "a red square above a green circle" --seed 1
+  {PROG} demo --prompt "a red square to the left of a green circle" --seed 1
   {PROG} demo --tiny --steps 5 --out /tmp/demo --seed 1
   {PROG} demo --tiny --prompt "a cat on a sofa" --layout my_layout.json
 
