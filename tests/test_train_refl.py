@@ -224,6 +224,9 @@ def test_lora_run_writes_loadable_weights_that_change_output(assets, tmp_path):
     )
     assert stats["global_step"] == 3 and stats["skipped_nonfinite"] == 0
     assert all(np.isfinite(r["loss"]) and r["loss_pre"] > 0 for r in stats["losses"])
+    curve = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    assert [r["objective"] for r in curve] == [r["objective"] for r in stats["losses"]]
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_pretrained(assets / "tiny-sd", subfolder="scheduler")

@@ -810,6 +810,10 @@ def main(
             }
             losses.append(logs)
             accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                # Appended step by step, so a killed or resumed run keeps its reward curve without a tracker.
+                with open(Path(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": global_step, **logs}) + "\n")
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(global_step)
             if args.validation_steps and global_step % args.validation_steps == 0:
