@@ -10,14 +10,13 @@ So a fault of the segmenter used by the fine stage does not also hide in the sco
 from __future__ import annotations
 
 import colorsys
-import random
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
-from .world import COLORS, SHAPES, ShapeObject, render_scene, sample_scene, shape_mask
+from .world import COLORS, SHAPES, ShapeObject, reading_accuracy, shape_mask
 
 __all__ = ["check_prompt", "checker_accuracy", "detect", "hue_bins"]
 
@@ -224,33 +223,7 @@ def checker_accuracy(
     Each true object is matched to the nearest detection within a quarter of the image; a scene is exact
     when the number of detections equals the number of objects and every object's colour and shape are right.
     """
-    rng = random.Random(seed)
-    exact = objects = color_ok = shape_ok = both_ok = 0
-    for _ in range(num_scenes):
-        scene = sample_scene(rng)
-        image = render_scene(scene, size)
-        if transform is not None:
-            image = transform(image)
-        detected = detect(image)
-        scene_ok = len(detected) == len(scene.objects)
-        for obj in scene.objects:
-            objects += 1
-            near = [d for d in detected if np.hypot(d["cx"] - obj.cx, d["cy"] - obj.cy) < 0.25]
-            if not near:
-                scene_ok = False
-                continue
-            d = min(near, key=lambda d: np.hypot(d["cx"] - obj.cx, d["cy"] - obj.cy))
-            color_ok += d["color"] == obj.color
-            shape_ok += d["shape"] == obj.shape
-            right = d["color"] == obj.color and d["shape"] == obj.shape
-            both_ok += right
-            scene_ok &= right
-        exact += scene_ok
-    return {
-        "scene_accuracy": exact / num_scenes,
-        "object_accuracy": both_ok / objects,
-        "color_accuracy": color_ok / objects,
-        "shape_accuracy": shape_ok / objects,
-        "num_scenes": num_scenes,
-        "num_objects": objects,
-    }
+    return reading_accuracy(
+        lambda image: [(d["color"], d["shape"], d["cx"], d["cy"]) for d in detect(image)],
+        num_scenes, size, seed, transform,
+    )

@@ -14,7 +14,6 @@ so the masks follow the drawn edges at any image size.
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,14 @@ import PIL.Image
 
 from ..captioner.base import Detection
 from ..captioner.dense import DenseCaptioner
-from .world import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, sample_scene, shape_mask
+from .world import (
+    BACKGROUND,
+    COLORS,
+    SHAPES,
+    ShapeObject,
+    reading_accuracy,
+    shape_mask,
+)
 
 __all__ = [
     "Found",
@@ -360,32 +366,7 @@ def segmenter_accuracy(num_scenes: int = 200, size: int = 32, seed: int = 0, tra
     Each true object is matched to the found object whose box centre is nearest (within a quarter of the
     image); a scene is exact when it has as many found objects as true ones and all are right.
     """
-    rng = random.Random(seed)
-    scenes_ok = objects = color_ok = shape_ok = both_ok = 0
-    for _ in range(num_scenes):
-        scene = sample_scene(rng)
-        image = render_scene(scene, size)
-        if transform is not None:
-            image = transform(image)
-        found = segment_objects(image)
-        all_ok = len(found) == len(scene.objects)
-        for obj in scene.objects:
-            objects += 1
-            near = [f for f in found if np.hypot(f.center[0] - obj.cx, f.center[1] - obj.cy) < 0.25]
-            if not near:
-                all_ok = False
-                continue
-            item = min(near, key=lambda f: np.hypot(f.center[0] - obj.cx, f.center[1] - obj.cy))
-            color_ok += item.color == obj.color
-            shape_ok += item.shape == obj.shape
-            both_ok += item.color == obj.color and item.shape == obj.shape
-            all_ok &= item.color == obj.color and item.shape == obj.shape
-        scenes_ok += all_ok
-    return {
-        "scene_accuracy": scenes_ok / num_scenes,
-        "object_accuracy": both_ok / objects,
-        "color_accuracy": color_ok / objects,
-        "shape_accuracy": shape_ok / objects,
-        "num_scenes": num_scenes,
-        "num_objects": objects,
-    }
+    return reading_accuracy(
+        lambda image: [(f.color, f.shape, f.center[0], f.center[1]) for f in segment_objects(image)],
+        num_scenes, size, seed, transform,
+    )

@@ -14,7 +14,9 @@ caption form, so a test measures composition the model has not seen, which is wh
 from __future__ import annotations
 
 import itertools
+import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "caption_scene",
     "held_out_prompts",
     "is_held_out",
+    "reading_accuracy",
     "render_scene",
     "sample_scene",
     "shape_mask",
@@ -281,3 +284,48 @@ def held_out_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any
                         }
                     )
     return records
+
+
+def reading_accuracy(
+    read: Callable[[PIL.Image.Image], list[tuple[str, str, float, float]]],
+    num_scenes: int = 200,
+    size: int = 32,
+    seed: int = 0,
+    transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+) -> dict[str, float]:
+    """How often `read` (image -> ``[(color, shape, cx, cy), ...]``) reads seeded rendered scenes right.
+
+    Each true object is matched to the nearest reading within a quarter of the image; a scene is exact when it
+    has as many readings as objects and every object's colour and shape are right. `transform` (e.g. a VAE
+    round trip) is applied to each render first.
+    """
+    rng = random.Random(seed)
+    exact = objects = color_ok = shape_ok = both_ok = 0
+    for _ in range(num_scenes):
+        scene = sample_scene(rng)
+        image = render_scene(scene, size)
+        if transform is not None:
+            image = transform(image)
+        readings = read(image)
+        scene_ok = len(readings) == len(scene.objects)
+        for obj in scene.objects:
+            objects += 1
+            near = [r for r in readings if math.hypot(r[2] - obj.cx, r[3] - obj.cy) < 0.25]
+            if not near:
+                scene_ok = False
+                continue
+            color, shape, _, _ = min(near, key=lambda r: math.hypot(r[2] - obj.cx, r[3] - obj.cy))
+            color_ok += color == obj.color
+            shape_ok += shape == obj.shape
+            right = color == obj.color and shape == obj.shape
+            both_ok += right
+            scene_ok &= right
+        exact += scene_ok
+    return {
+        "scene_accuracy": exact / num_scenes,
+        "object_accuracy": both_ok / objects,
+        "color_accuracy": color_ok / objects,
+        "shape_accuracy": shape_ok / objects,
+        "num_scenes": num_scenes,
+        "num_objects": objects,
+    }
