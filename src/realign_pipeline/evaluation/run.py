@@ -66,15 +66,9 @@ def _load_configs(configs: Sequence[EvalConfig | str | os.PathLike]) -> list[Eva
 
 
 def _check_metrics(metrics: Sequence[str], model_paths: dict[str, Any], real_images: Any) -> list[str]:
-    from .score import METRIC_NAMES
+    from .score import check_metric_names
 
-    names = [str(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
-    unknown = [m for m in names if m not in METRIC_NAMES]
-    if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or '(none given)'}; the names are: {', '.join(METRIC_NAMES)}")
-    extra = sorted(set(model_paths) - set(METRIC_NAMES))
-    if extra:
-        raise ValueError(f"model paths for unknown metrics {extra}; the names are: {', '.join(METRIC_NAMES)}")
+    names = check_metric_names(metrics, model_paths)
     if "fid" in names and real_images is None:
         raise ValueError("the 'fid' metric needs real images (real_images= / --real-images FOLDER).")
     if real_images is not None and not Path(real_images).is_dir():

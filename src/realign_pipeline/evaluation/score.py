@@ -340,6 +340,18 @@ def _load_images(folder: Path, entries: list[dict[str, Any]]) -> list[PIL.Image.
     return images
 
 
+def check_metric_names(metrics: str | Sequence[str], model_paths: Any = ()) -> list[str]:
+    """The metric names as a list; ``ValueError`` naming the valid ones for an unknown metric or model path."""
+    names = [str(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
+    unknown = [m for m in names if m not in METRIC_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or '(none given)'}; the names are: {', '.join(METRIC_NAMES)}")
+    extra = sorted(set(model_paths) - set(METRIC_NAMES))
+    if extra:
+        raise ValueError(f"model paths for unknown metrics {extra}; the names are: {', '.join(METRIC_NAMES)}")
+    return names
+
+
 def score_folder(
     folder: str | Path,
     metrics: Iterable[str],
@@ -372,13 +384,7 @@ def score_folder(
     per-image numbers go to ``per_image.jsonl`` (see :func:`combine_scores`).
     """
     folder = Path(folder)
-    names = [str(m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
-    unknown = [m for m in names if m not in METRIC_NAMES]
-    if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or '(none given)'}; the names are: {', '.join(METRIC_NAMES)}")
-    extra = sorted(set(model_paths) - set(METRIC_NAMES))
-    if extra:
-        raise ValueError(f"model paths for unknown metrics {extra}; the names are: {', '.join(METRIC_NAMES)}")
+    names = check_metric_names(metrics, model_paths)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if bootstrap < 1 or not 0.0 < confidence < 1.0:
