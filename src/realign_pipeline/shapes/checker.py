@@ -3,7 +3,8 @@
 Its code path shares nothing with :mod:`realign_pipeline.shapes.perception` but the world itself: colour is an
 HSV hue bin (the background is a neutral grey, and mixing a colour with grey keeps its hue, so antialiased
 edges keep their bin), objects are found by a stack flood fill per hue class, and a shape is the template,
-rendered with :func:`~realign_pipeline.shapes.world.shape_mask` at the object's box, with the highest soft IoU.
+rendered with :func:`~realign_pipeline.shapes.world.shape_mask` and stretched to the object's box, with the
+highest soft IoU.
 So a fault of the segmenter used by the fine stage does not also hide in the score that judges it.
 """
 
@@ -104,16 +105,44 @@ def _edges(profile: np.ndarray) -> tuple[float, float]:
     return float(start), float(end)
 
 
+_TEMPLATE_RES = 128
+_SUBPIXELS = 4
+
+
+def _unit_templates() -> dict[str, np.ndarray]:
+    """Each shape filling the unit box, rasterised at :data:`_TEMPLATE_RES` (sampled by :func:`_fit_template`)."""
+    return {
+        shape: shape_mask(ShapeObject("red", shape, 0.5, 0.5, 1.0), size=_TEMPLATE_RES, supersample=1) >= 0.5
+        for shape in SHAPES
+    }
+
+
+_UNIT = _unit_templates()
+
+
+def _fit_template(unit: np.ndarray, box: tuple[float, float, float, float], side: int) -> np.ndarray:
+    """Coverage of `unit` stretched to ``box = (x0, x1, y0, y1)`` (pixels) on a `side` x `side` grid.
+
+    Width and height are fitted apart: the trained UNet draws shapes a little taller or wider than they are
+    in the world, and a square template scored a 16 x 19 px square below a circle.
+    """
+    x0, x1, y0, y1 = box
+    offsets = (np.arange(side * _SUBPIXELS) + 0.5) / _SUBPIXELS
+    u = np.floor((offsets - x0) / max(x1 - x0, 1e-6) * _TEMPLATE_RES).astype(np.int64)
+    v = np.floor((offsets - y0) / max(y1 - y0, 1e-6) * _TEMPLATE_RES).astype(np.int64)
+    inside_u, inside_v = (u >= 0) & (u < _TEMPLATE_RES), (v >= 0) & (v < _TEMPLATE_RES)
+    sampled = unit[np.clip(v, 0, _TEMPLATE_RES - 1)][:, np.clip(u, 0, _TEMPLATE_RES - 1)]
+    sampled = sampled & inside_v[:, None] & inside_u[None, :]
+    return sampled.reshape(side, _SUBPIXELS, side, _SUBPIXELS).mean(axis=(1, 3))
+
+
 def _best_template(soft: np.ndarray) -> tuple[str, float]:
-    """The shape whose template, drawn at the soft mask's box, has the highest soft IoU with it."""
+    """The shape whose template, stretched to the soft mask's box, has the highest soft IoU with it."""
     x0, x1 = _edges(soft.max(axis=0))
     y0, y1 = _edges(soft.max(axis=1))
-    side = soft.shape[0]
-    size = max(x1 - x0, y1 - y0) / side
-    cx, cy = (x0 + x1) / 2 / side, (y0 + y1) / 2 / side
     scores = {}
-    for shape in SHAPES:
-        template = shape_mask(ShapeObject("red", shape, cx, cy, size), size=side)
+    for shape, unit in _UNIT.items():
+        template = _fit_template(unit, (x0, x1, y0, y1), soft.shape[0])
         scores[shape] = float(np.minimum(template, soft).sum() / max(np.maximum(template, soft).sum(), 1e-6))
     best = max(scores, key=scores.get)
     return best, scores[best]
@@ -142,6 +171,7 @@ def detect(image: PIL.Image.Image | np.ndarray) -> list[dict[str, Any]]:
         pad = side
         cls_pad = np.pad(index, pad, constant_values=-1)
         cov_pad = np.pad(coverage, pad)
+        solid_pad = np.pad(solid, pad)
         crop = (slice(top + pad, top + pad + side), slice(left + pad, left + pad + side))
         soft = np.where(cls_pad[crop] == cls, cov_pad[crop], 0.0)
         # Only this region and its rim: a second object of the same hue must not enter the template fit.
@@ -151,7 +181,8 @@ def detect(image: PIL.Image.Image | np.ndarray) -> list[dict[str, Any]]:
         for dy in range(-RIM, RIM + 1):
             for dx in range(-RIM, RIM + 1):
                 rim |= np.roll(np.roll(own, dy, axis=0), dx, axis=1)  # the crop has a RIM-pixel free border
-        soft[~rim] = 0.0
+        # The rim is for partly covered pixels; a solid pixel outside the region is a separate fragment.
+        soft[~rim | (~own & solid_pad[crop])] = 0.0
         shape, iou = _best_template(soft)
         detections.append(
             {
