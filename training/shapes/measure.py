@@ -59,6 +59,54 @@ def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 3
     return out
 
 
+def colour_swap(prompt: str) -> str:
+    """The prompt with its two colours exchanged ("a red circle and a blue square" -> blue circle, red square)."""
+    a, b = [o["color"] for o in parse_shapes_prompt(prompt)]
+    return prompt.replace(a, "@").replace(b, a).replace("@", b)
+
+
+def text_binding(reward, prompts: list[str]) -> dict:
+    """Does Eq. 4's E_text see binding? Mean cosine of each held-out prompt with its colour swap (1.0: the
+    caption reward cannot tell a wrong binding from a right one) and with another prompt of the list."""
+    swaps = [colour_swap(p) for p in prompts]
+    emb = reward.text_embeds(prompts + swaps)
+    n = len(prompts)
+    own, swap = emb[:n], emb[n:]
+    cos_swap = (own * swap).sum(-1)
+    cos_other = (own * own.roll(1, 0)).sum(-1)
+    return {"n": n, "cos_prompt_vs_colour_swap": round(float(cos_swap.mean()), 4),
+            "cos_prompt_vs_colour_swap_max": round(float(cos_swap.max()), 4),
+            "cos_prompt_vs_other_prompt": round(float(cos_other.mean()), 4)}
+
+
+def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
+    """How often each BLIP-2 score prefers a two-object render's true caption to its colour swap (0.5: blind
+    to binding): the captioner's teacher-forced likelihood (the caption reward's ``likelihood`` objective),
+    the matcher's ITC similarity and its ITM match probability (the BLIP-ITM reward)."""
+    from transformers import Blip2ForImageTextRetrieval, Blip2Processor
+
+    scenes = [s for s in (sample_scene(random.Random(i), num_objects=2) for i in range(num_scenes * 2))
+              if s.objects[0].color != s.objects[1].color][:num_scenes]
+    true, swaps = [s.caption for s in scenes], [colour_swap(s.caption) for s in scenes]
+    pixels = torch.stack([torch.from_numpy(np.array(render_scene(s))).permute(2, 0, 1).float() / 127.5 - 1
+                          for s in scenes])
+    out = {"n": len(scenes)}
+    with torch.no_grad():
+        out["captioner_likelihood"] = float((reward.prompt_log_likelihood(pixels, true)
+                                             > reward.prompt_log_likelihood(pixels, swaps)).float().mean())
+        itm, processor = Blip2ForImageTextRetrieval.from_pretrained(itm_path).eval(), Blip2Processor.from_pretrained(itm_path)
+        pixel_values = processor(images=[render_scene(s) for s in scenes], return_tensors="pt").pixel_values
+        for head, name in ((False, "matcher_itc"), (True, "matcher_itm")):
+            scores = []
+            for texts in (true, swaps):
+                enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
+                logits = itm(pixel_values=pixel_values, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                             use_image_text_matching_head=head).logits_per_image
+                scores.append(logits.softmax(-1)[:, 1] if head else logits.diagonal())
+            out[name] = float((scores[0] > scores[1]).float().mean())
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", required=True)
@@ -120,6 +168,8 @@ def main() -> None:
         result["blip2_caption_names_the_object"] = float(np.mean(
             [s.objects[0].phrase in c for s, c in zip(singles_scenes, captions)]))
         result["blip2_caption_examples"] = [[s.caption, c] for s, c in list(zip(singles_scenes, captions))[:5]]
+        result["caption_reward_text_binding"] = text_binding(reward, held_out)
+        result["sees_colour_swaps"] = swap_preferences(reward, models / "blip2-itm")
 
     if args.samples:
         prompts = singles[::3] + held_out[::24]
