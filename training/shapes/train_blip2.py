@@ -106,20 +106,25 @@ def captioner_loss(model, processor, pixels, captions) -> tuple[torch.Tensor, di
     return out.loss, {}
 
 
-def itm_loss(model, processor, pixels, scenes, rng) -> tuple[torch.Tensor, dict]:
+def itm_loss(model, processor, pixels, scenes, rng, swap_share: float = 0.7,
+             itc_swaps: bool = False) -> tuple[torch.Tensor, dict]:
     pixel_values = normalize(pixels, processor)
     texts = [s.caption for s in scenes]
-    enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    # With itc_swaps, ITC also sees each two-object scene's colour-swapped caption as an extra text (an attempt
+    # to make E_text of Eq. 4 see binding; measured in docs/shapes.md: it did not).
+    swaps = [swapped(s, rng) for s in scenes if len(s.objects) == 2] if itc_swaps else []
+    enc = processor.tokenizer(texts + [w.caption for w in swaps], return_tensors="pt", padding=True)
     out = model(pixel_values=pixel_values, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                 use_image_text_matching_head=False)
     # transformers returns the raw cosine (max over queries); BLIP-2's ITC divides it by a temperature (0.07)
     logits = out.logits_per_image / ITC_TEMPERATURE
-    match = torch.tensor([[holds(meaning(t), s) for t in scenes] for s in scenes], dtype=torch.bool)
+    match = torch.tensor([[holds(meaning(t), s) for t in [*scenes, *swaps]] for s in scenes], dtype=torch.bool)
     i2t = logits.log_softmax(1).masked_fill(~match, float("-inf")).logsumexp(1).mean()
-    t2i = logits.t().log_softmax(1).masked_fill(~match.t(), float("-inf")).logsumexp(1).mean()
+    n = len(scenes)  # text-to-image over the true captions only (a swap may describe no image of the batch)
+    t2i = logits[:, :n].t().log_softmax(1).masked_fill(~match[:, :n].t(), float("-inf")).logsumexp(1).mean()
     itc = -(i2t + t2i) / 2
     # ITM: each image with its caption (1) and with a color-swapped or another scene's caption (0)
-    negatives = [swapped(s, rng).caption if len(s.objects) == 2 and rng.random() < 0.7
+    negatives = [swapped(s, rng).caption if len(s.objects) == 2 and rng.random() < swap_share
                  else scenes[(i + 1) % len(scenes)].caption for i, s in enumerate(scenes)]
     labels = torch.tensor([1] * len(scenes) + [int(holds(meaning(scenes[(i + 1) % len(scenes)]), s)
                            and n == scenes[(i + 1) % len(scenes)].caption) for i, (s, n) in enumerate(zip(scenes, negatives))])
@@ -135,11 +140,19 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--model", choices=("captioner", "itm"), required=True)
     parser.add_argument("--lr_warmup_steps", type=int, default=200)
+    parser.add_argument("--itm_swap_share", type=float, default=0.7,
+                        help="share of two-object scenes whose ITM negative is their colour swap (else another caption)")
+    parser.add_argument("--itc_swaps", action="store_true",
+                        help="colour-swapped captions as extra ITC negatives too (not used for the shipped matcher)")
+    parser.add_argument("--init_from", default=None,
+                        help="start from this saved model (a previous run's final/) instead of random weights")
     args = parser.parse_args()
     out = setup(args)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, processor = make_captioner() if args.model == "captioner" else make_itm()
+    if args.init_from:  # continue from a finished model (e.g. to add a loss term); the processor is the same
+        model = type(model).from_pretrained(args.init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     ckpt = Checkpointer(out, {"model": model}, optimizer)
     step, _ = ckpt.load(rng)
@@ -151,7 +164,7 @@ def main() -> None:
         if args.model == "captioner":
             loss, extra = captioner_loss(model, processor, pixels, captions)
         else:
-            loss, extra = itm_loss(model, processor, pixels, scenes, rng)
+            loss, extra = itm_loss(model, processor, pixels, scenes, rng, args.itm_swap_share, args.itc_swaps)
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * min(1.0, (step + 1) / args.lr_warmup_steps)
         optimizer.zero_grad(set_to_none=True)
