@@ -1,5 +1,5 @@
 """``training/shapes/experiment.py --quick`` end to end on tiny stand-in models (not the shipped weights):
-ReFL data, the four ReFL LoRAs (train_refl.py subprocesses), the evaluation and the paper's Tables 2 / 3."""
+ReFL data, the four ReFL LoRAs (train_refl.py), the evaluation and the paper's Tables 2 / 3."""
 
 from __future__ import annotations
 
@@ -54,7 +54,17 @@ def stand_in_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run(out: Path, models: Path) -> dict:
+def _run_in_process(out: Path, models: Path) -> dict:
+    experiment = _import_training("experiment")
+    threads = torch.get_num_threads()
+    try:
+        experiment.main(["--out", str(out), "--models", str(models), "--quick"])
+    finally:
+        torch.set_num_threads(threads)  # the experiment pins one thread
+    return json.loads((out / "experiment.json").read_text(encoding="utf-8"))
+
+
+def _run_command(out: Path, models: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(EXPERIMENT), "--out", str(out), "--models", str(models), "--quick"],
                           check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -64,7 +74,7 @@ def _run(out: Path, models: Path) -> dict:
 
 def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path: Path) -> None:
     out = tmp_path / "exp"
-    record = _run(out, stand_in_models)
+    record = _run_in_process(out, stand_in_models)
 
     # ReFL data: training split only
     prompts = Path(record["refl_data"]["prompts_file"]).read_text(encoding="utf-8").splitlines()
@@ -78,6 +88,7 @@ def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path:
     for run in record["refl_runs"].values():
         assert Path(run["lora"]).is_file() and run["steps"] == 2 and not run["skipped"]
         assert json.loads((Path(run["folder"]) / "train_stats.json").read_text())["global_step"] == 2
+        assert "ReFL: " in (Path(run["folder"]) / "train.log").read_text()  # the script's log, in its file
 
     # every table cell produced and in range (caption reward is a cosine)
     assert record["num_prompts"] == 4 and record["seeds"] == [0]
@@ -91,13 +102,53 @@ def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path:
                 assert mean is not None and not math.isnan(mean), (name, row["label"], metric)
                 assert low <= mean <= high, (name, row["label"], metric, mean)
                 assert ci is not None and low <= ci[0] <= mean + 1e-9 <= ci[1] + 2e-9 and ci[1] <= high
+    differences = json.loads((out / "differences.json").read_text(encoding="utf-8"))
+    assert len(differences["rows"]) == len(_import_training("experiment").DIFFERENCES)
+    for row in differences["rows"]:
+        for metric in ("shapes_binding", "shapes_presence"):
+            d = row[metric]
+            assert d["n"] == 4 and -1.0 <= d["ci"][0] <= d["mean"] + 1e-9 <= d["ci"][1] + 2e-9 <= 1.0 + 2e-9
+            assert 0 <= d["fixed"] + d["broken"] <= d["n"]
     assert Path(record["grid"]).is_file()
     assert set(record["timings"]) >= {"refl_data", "refl", "evaluation", "total"}
     assert record["evaluation"]["configs"]["shapes"]["generated"] == 4
 
-    # a rerun skips finished work: no training, no generation; the same numbers
+    # the command line, rerun: it skips finished work (no training, no generation) and gives the same numbers
     table2 = json.loads((out / "table2.json").read_text(encoding="utf-8"))
-    again = _run(out, stand_in_models)
+    again = _run_command(out, stand_in_models)
     assert all(r["skipped"] for r in again["refl_runs"].values())
     assert all(c["generated"] == 0 for c in again["evaluation"]["configs"].values())
     assert json.loads((out / "table2.json").read_text(encoding="utf-8")) == table2
+
+
+def test_refl_sweep_reward_curve_reads_the_first_and_last_fifth(tmp_path: Path) -> None:
+    refl_sweep = _import_training("refl_sweep")
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"step": i + 1, "objective": float(i), "loss_pre": 1.0 if i < 5 else 0.5} for i in range(25)]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    curve = refl_sweep.reward_curve(log)
+    assert curve["steps"] == 25
+    assert curve["objective_first"] == 2.0 and curve["objective_last"] == 22.0  # means of 0..4 and 20..24
+    assert curve["loss_pre_first"] == 1.0 and curve["loss_pre_last"] == 0.5
+    # every setting starts from one of the experiment's runs and changes only its known settings
+    experiment = _import_training("experiment")
+    for label, run, overrides, steps in refl_sweep.SETTINGS.values():
+        assert run in experiment.REFL_RUNS and steps >= 1 and label
+        assert set(overrides) <= set(experiment.REFL_COMMON) | set(experiment.REFL_RUNS[run])
+
+
+def test_paired_difference_counts_fixed_and_broken_images(tmp_path: Path) -> None:
+    experiment = _import_training("experiment")
+    eval_dir = tmp_path / "eval"
+    binding = {"a": [1, 1, 0, 0, 1, 1], "b": [1, 0, 1, 1, 1, None]}  # B fixes 2, breaks 1; one B image unscored
+    for config, values in binding.items():
+        for seed in (0, 1):
+            folder = eval_dir / config / f"seed{seed}"
+            folder.mkdir(parents=True)
+            rows = [{"prompt_key": f"set/{i}", "scores": {"shapes_binding": v}}
+                    for i, v in enumerate(values[seed * 3:seed * 3 + 3])]
+            (folder / "per_image.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    d = experiment.paired_difference(eval_dir, "a", "b")
+    assert d["n"] == 5 and d["fixed"] == 2 and d["broken"] == 1
+    assert d["mean"] == pytest.approx((0 - 1 + 1 + 1 + 0) / 5)
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1]

@@ -7,8 +7,8 @@
 Steps (each resumable: rerunning skips finished work):
 
 1. ReFL data (``make_refl_data.py``): training-split scenes for ``L_pre`` and training-split reward prompts.
-2. Four ReFL LoRAs of the shapes UNet, each a ``training/train_refl.py`` subprocess (plain ``python``, one
-   thread) at 32 px with a shapes-world model as the reward (:data:`REFL_RUNS`): ``refl-caption-likelihood``
+2. Four ReFL LoRAs of the shapes UNet, each ``training/train_refl.py`` (run in this process, one thread, its
+   output in ``train.log``) at 32 px with a shapes-world model as the reward (:data:`REFL_RUNS`): ``refl-caption-likelihood``
    and ``refl-caption-scorefn`` (Eq. 4's caption reward with either differentiable objective), ``refl-clip``
    (the world's small CLIP) and ``refl-blip`` (the BLIP-2 ITM match probability). A run whose LoRA and
    ``train_stats.json`` exist with the same settings is skipped; an interrupted one resumes from its latest
@@ -20,7 +20,9 @@ Steps (each resumable: rerunning skips finished work):
 4. ``table2.md`` / ``table2.json`` (Table 2: base, + fine stage, + ReFL with the caption reward, both),
    ``table3.md`` / ``table3.json`` (Table 3: ReFL with the caption vs the CLIP vs the BLIP-2 reward),
    ``objectives.md`` / ``objectives.json`` (likelihood vs score-function caption objective), every cell
-   ``mean [95% CI]`` (prompt-clustered bootstrap, seeds pooled); the sample grid ``eval/report/grid.png``; and
+   ``mean [95% CI]`` (prompt-clustered bootstrap, seeds pooled); ``differences.md`` / ``.json`` (paired
+   differences of binding and presence between configurations on the same prompts and seeds, with CIs and the
+   images fixed / broken); the sample grid ``eval/report/grid.png``; and
    ``experiment.json`` (settings and timings).
 
 ``--models DIR`` is a folder with ``pipeline/``, ``clip/``, ``blip2-captioner/`` and ``blip2-itm/`` (default:
@@ -30,12 +32,13 @@ the shipped ``realign_pipeline/assets/shapes``). ``--quick`` (the test): 4 promp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,7 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
+import numpy as np
 import torch
 from make_refl_data import make_refl_data
 
@@ -56,14 +60,15 @@ MAX_CAPTION_TOKENS = 16
 
 #: ReFL settings shared by every run (the shapes UNet samples with 20 DDIM steps, as the evaluation does).
 #: The gradient is taken at one of the last 5 of 20 steps (the paper: one of the last 20 of 50 is ReFL's,
-#: scaled to where a 32 px image is already legible). LoRA rank 8 on the attention projections, lr 2e-4
-#: (the small UNet moves little at 1e-5 in a few hundred steps), batch 4, constant schedule, seed 0.
+#: scaled to where a 32 px image is already legible). LoRA rank 8 on the attention projections, lr 5e-4,
+#: batch 4, constant schedule, seed 0. At lr 2e-4 with the reward ~ L_pre (the first full run) the LoRA left
+#: the images nearly unchanged; at lr 1e-3 it drifts and breaks binding (refl_sweep.py, docs/shapes.md).
 REFL_COMMON: dict[str, Any] = {
     "resolution": 32,
     "num_inference_steps": 20,
     "grad_step_range": (15, 20),
     "rank": 8,
-    "learning_rate": 2e-4,
+    "learning_rate": 5e-4,
     "train_batch_size": 4,
     "pretrain_loss_weight": 1.0,
     "reward_margin": 1.0,
@@ -71,15 +76,16 @@ REFL_COMMON: dict[str, Any] = {
 }
 
 #: The four ReFL runs. ``reward_weight`` (lambda of Eq. 5) is set so that lambda times the reward's
-#: matched-vs-mismatched gap is about 0.1, the size of L_pre (v-prediction MSE): likelihood gap ~2 nats
-#: (-> 0.05), Eq. 4 cosine gap ~0.4 (-> 0.25), CLIP cosine gap ~1 (-> 0.1), ITM probability gap ~1 (-> 0.1).
-#: The margin 1.0 keeps the hinge active for all four (none of the objectives exceeds 1), so the reward term
-#: is linear in the reward.
+#: matched-vs-mismatched gap is about 2, twenty times ``L_pre`` (v-prediction MSE ~0.1-0.16), so that the
+#: reward, not L_pre, sets the direction of the update while L_pre still holds the model near the data:
+#: likelihood gap ~2 nats (-> 1.0), Eq. 4 cosine gap ~0.4 (-> 5.0), CLIP cosine gap ~1 (-> 2.0), ITM
+#: probability gap ~1 (-> 2.0). The margin 1.0 keeps the hinge active for all four (none of the objectives
+#: exceeds 1), so the reward term is linear in the reward.
 REFL_RUNS: dict[str, dict[str, Any]] = {
-    "refl-caption-likelihood": {"reward": "caption", "reward_objective": "likelihood", "reward_weight": 0.05},
-    "refl-caption-scorefn": {"reward": "caption", "reward_objective": "score_function", "reward_weight": 0.25},
-    "refl-clip": {"reward": "clip", "reward_weight": 0.1},
-    "refl-blip": {"reward": "blip", "reward_weight": 0.1},
+    "refl-caption-likelihood": {"reward": "caption", "reward_objective": "likelihood", "reward_weight": 1.0},
+    "refl-caption-scorefn": {"reward": "caption", "reward_objective": "score_function", "reward_weight": 5.0},
+    "refl-clip": {"reward": "clip", "reward_weight": 2.0},
+    "refl-blip": {"reward": "blip", "reward_weight": 2.0},
 }
 
 FULL = {"refl_steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512, "num_prompts": 256}
@@ -112,9 +118,10 @@ def shapes_models(models: str | os.PathLike | None) -> dict[str, Path]:
 
 
 # --- ReFL ----------------------------------------------------------------------------------------------------
-def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int) -> list[str]:
-    """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`)."""
-    spec = {**REFL_COMMON, **REFL_RUNS[name]}
+def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int,
+                 overrides: dict[str, Any] | None = None) -> list[str]:
+    """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`), with `overrides` of its settings."""
+    spec = {**REFL_COMMON, **REFL_RUNS[name], **(overrides or {})}
     cmd = [sys.executable, str(TRAIN_REFL),
            "--pretrained_model_name_or_path", str(models["pipeline"]),
            "--reward", spec["reward"],
@@ -138,22 +145,41 @@ def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], outpu
     return cmd
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    src = str(_HERE.parent.parent / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+def _train_in_process(argv: list[str], log_path: Path) -> None:
+    """``train_refl.main`` on `argv` in this process, its output appended to `log_path`.
+
+    In-process rather than a subprocess: four interpreter start-ups (torch, diffusers, transformers, peft
+    imports) were most of the reduced experiment's time; the step math and the files written are the same.
+    """
+    if str(TRAIN_REFL.parent) not in sys.path:
+        sys.path.insert(0, str(TRAIN_REFL.parent))
+    import train_refl
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with log_path.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        for handler in handlers:  # the script's own logging goes to its log, not to the terminal
+            root.removeHandler(handler)
+        try:
+            train_refl.main(train_refl.parse_args(argv))
+        finally:
+            for handler in list(root.handlers):  # basicConfig bound a handler to this (soon closed) file
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
 
 
-def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int) -> dict[str, Any]:
+def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or skip / resume) one ReFL LoRA into ``out/<name>``; returns its record for experiment.json."""
     folder = out / name
-    cmd = refl_command(name, models, data, folder, steps)
+    cmd = refl_command(name, models, data, folder, steps, overrides)
     settings = {"command": [str(c) for c in cmd[1:]], "steps": steps}
     lora, stats_file, settings_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json", \
         folder / "experiment_settings.json"
-    record: dict[str, Any] = {"folder": str(folder), "lora": str(lora), "steps": steps, **REFL_RUNS[name]}
+    record: dict[str, Any] = {"folder": str(folder), "lora": str(lora), "steps": steps, **REFL_RUNS[name],
+                              **(overrides or {})}
     saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
     if lora.is_file() and stats_file.is_file() and saved == settings:
         return {**record, "skipped": True, **json.loads(settings_file.with_name("experiment_timing.json")
@@ -165,12 +191,15 @@ def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out
     lora.unlink(missing_ok=True)
     stats_file.unlink(missing_ok=True)
     start = time.perf_counter()
-    with (folder / "train.log").open("a", encoding="utf-8") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), check=False)
+    error: BaseException | None = None
+    try:
+        _train_in_process(cmd[2:], folder / "train.log")
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported below with the log's tail
+        error = exc
     seconds = time.perf_counter() - start
-    if done.returncode != 0 or not lora.is_file():
+    if error is not None or not lora.is_file():
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(f"ReFL run {name} failed (exit {done.returncode}); log {folder / 'train.log'}:\n{tail}")
+        raise RuntimeError(f"ReFL run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
     timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3)}
     (folder / "experiment_timing.json").write_text(json.dumps(timing) + "\n", encoding="utf-8")
     return {**record, "skipped": False, **timing}
@@ -287,6 +316,73 @@ def write_tables(out: Path, eval_dir: Path, num_prompts: int, seeds: list[int]) 
     }
 
 
+#: Paired comparisons: (label, configuration A, configuration B); B - A per image of the same prompt and seed.
+DIFFERENCES = (
+    ("+ fine stage vs base", "shapes", "shapes-realign"),
+    ("+ ReFL (caption reward) vs base", "shapes", "refl-caption-likelihood"),
+    ("+ ReFL + fine stage vs base", "shapes", "refl-caption-likelihood+realign"),
+    ("+ ReFL (CLIP) vs base", "shapes", "refl-clip"),
+    ("+ ReFL (BLIP-2 ITM) vs base", "shapes", "refl-blip"),
+    ("+ ReFL (caption reward, score function) vs base", "shapes", "refl-caption-scorefn"),
+    ("score function vs likelihood (ReFL)", "refl-caption-likelihood", "refl-caption-scorefn"),
+    ("+ fine stage, after ReFL (caption reward)", "refl-caption-likelihood", "refl-caption-likelihood+realign"),
+)
+
+
+def _per_image(eval_dir: Path, config: str, metric: str) -> dict[tuple[str, str], float]:
+    """``{(seed folder, prompt key): value}`` of one metric over every seed of a configuration."""
+    from realign_pipeline.evaluation.run import config_folder_name
+
+    values = {}
+    for seed_dir in sorted((eval_dir / config_folder_name(config)).glob("seed*")):
+        for line in (seed_dir / "per_image.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            value = row["scores"].get(metric)
+            if value is not None:
+                values[(seed_dir.name, row["prompt_key"])] = float(value)
+    return values
+
+
+def paired_difference(eval_dir: Path, config_a: str, config_b: str, metric: str = "shapes_binding") -> dict[str, Any]:
+    """Mean of B - A over the images both have (same prompt, same seed), its 95% prompt-clustered bootstrap CI,
+    and for 0/1 metrics how many images B fixed (A 0, B 1) and broke (A 1, B 0). Pairing removes the variation
+    between prompts, which dominates the CIs of the means, so a small effect shows here first."""
+    from realign_pipeline.evaluation.score import bootstrap_ci
+
+    a, b = _per_image(eval_dir, config_a, metric), _per_image(eval_dir, config_b, metric)
+    keys = sorted(a.keys() & b.keys())
+    if not keys:
+        return {"mean": None, "ci": None, "n": 0, "fixed": 0, "broken": 0}
+    diffs = [b[k] - a[k] for k in keys]
+    low, high = bootstrap_ci(diffs, groups=[k[1] for k in keys])
+    return {"mean": float(np.mean(diffs)), "ci": [low, high], "n": len(keys),
+            "fixed": sum(a[k] == 0 and b[k] == 1 for k in keys), "broken": sum(a[k] == 1 and b[k] == 0 for k in keys)}
+
+
+def write_differences(out: Path, eval_dir: Path) -> dict[str, Any]:
+    """``differences.md`` / ``.json``: :data:`DIFFERENCES` for binding and presence."""
+    lines = ["# Paired differences", "",
+             ("B - A on the same prompts and seeds, mean [95% CI] (prompt-clustered bootstrap); fixed / broken: images "
+             "whose binding (presence) went 0 -> 1 / 1 -> 0."), "",
+             "| | binding B - A | binding fixed / broken | presence B - A | presence fixed / broken |",
+             "|---|---:|---:|---:|---:|"]
+    table: dict[str, Any] = {"rows": []}
+    for label, config_a, config_b in DIFFERENCES:
+        cells, row = [], {"label": label, "a": config_a, "b": config_b}
+        for metric in ("shapes_binding", "shapes_presence"):
+            d = paired_difference(eval_dir, config_a, config_b, metric)
+            row[metric] = d
+            if d["mean"] is None:
+                cells += ["—", "—"]
+            else:
+                cells += [f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]", f"{d['fixed']} / {d['broken']}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        table["rows"].append(row)
+    (out / "differences.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "differences.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    return table
+
+
 # --- the command ---------------------------------------------------------------------------------------------
 def run_experiment(
     out: str | os.PathLike,
@@ -339,6 +435,7 @@ def run_experiment(
 
     start = time.perf_counter()
     tables = write_tables(out, eval_dir, result["num_prompts"], seeds)
+    tables["differences"] = write_differences(out, eval_dir)
     timings["tables"] = round(time.perf_counter() - start, 2)
     timings["total"] = round(time.perf_counter() - start_all, 2)
     record = {
