@@ -118,6 +118,7 @@ def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path:
     again = _run_command(out, stand_in_models)
     assert all(r["skipped"] for r in again["refl_runs"].values())
     assert all(c["generated"] == 0 for c in again["evaluation"]["configs"].values())
+    assert again["timings"] == record["timings"] and "total" in again["timings_rerun"]  # the working run's times
     assert json.loads((out / "table2.json").read_text(encoding="utf-8")) == table2
 
 

@@ -456,7 +456,14 @@ def run_experiment(
         "grid": result["report"].get("grid_png"),
         "timings": timings,
     }
-    (out / "experiment.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    previous_file = out / "experiment.json"
+    did_work = result["generated"] or any(not r["skipped"] for r in runs.values())
+    if not did_work and previous_file.is_file():
+        # A rerun that trained and generated nothing keeps the timings of the run that did the work.
+        previous = json.loads(previous_file.read_text(encoding="utf-8")).get("timings")
+        if previous:
+            record["timings"], record["timings_rerun"] = previous, timings
+    previous_file.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return record
 
 
