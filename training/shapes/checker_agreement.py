@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 import torch
+from ablation import GENERATION, add_job_arguments, heldout_jobs
 
-from realign_pipeline.evaluation.prompts import load_prompts
 from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.perception import segment_objects
@@ -25,14 +25,13 @@ from realign_pipeline.shapes.pretrained import load_shapes_pipeline
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--limit", type=int, default=48)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    add_job_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    jobs = [(r.text, s) for r in load_prompts("shapes-heldout", limit=args.limit, seed=0) for s in args.seeds]
-    images = pipe([p for p, _ in jobs], height=32, width=32, num_inference_steps=20, guidance_scale=4.0,
+    jobs = heldout_jobs(args.limit, args.seeds)
+    images = pipe([p for p, _ in jobs], **GENERATION,
                   generator=[torch.Generator().manual_seed(s) for _, s in jobs]).images
     counts = {"images": len(jobs), "checker_binding": 0, "segmenter_binding": 0, "agree": 0,
               "only_checker_fails": 0, "only_segmenter_fails": 0}

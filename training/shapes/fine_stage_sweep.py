@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ablation import GENERATION, add_job_arguments, fixed_and_broken, heldout_jobs, pixel_changes, summary
 
-from realign_pipeline.evaluation.prompts import load_prompts
 from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.pretrained import load_shapes_pipeline
@@ -36,47 +36,36 @@ SETTINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--limit", type=int, default=48)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    add_job_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    records = load_prompts("shapes-heldout", limit=args.limit, seed=0)
-    jobs = [(r.text, s) for r in records for s in args.seeds]
-    common = {"height": 32, "width": 32, "num_inference_steps": 20, "guidance_scale": 4.0}
+    jobs = heldout_jobs(args.limit, args.seeds)
     coarse_rows, layouts, coarse_images = [], [], []
     for prompt, seed in jobs:
-        out = pipe(prompt, realign=True, generator=torch.Generator().manual_seed(seed), **common)
+        out = pipe(prompt, realign=True, generator=torch.Generator().manual_seed(seed), **GENERATION)
         coarse_images.append(out.coarse_images[0])
         layouts.append(out.layouts[0] if out.realigned[0] else None)
         coarse_rows.append(check_prompt(out.coarse_images[0], parse_shapes_prompt(prompt)))
 
-    def summary(rows: list[dict]) -> dict:
-        result = {}
-        for key in ("presence", "binding", "position"):
-            values = [r[key] for r in rows if r[key] is not None]
-            result[key] = round(float(np.mean(values)), 4) if values else None
-        return result
-
-    result = {"prompts": len(records), "seeds": args.seeds, "images": len(jobs),
+    result = {"prompts": len({prompt for prompt, _ in jobs}), "seeds": args.seeds, "images": len(jobs),
               "captioned": sum(layout is not None for layout in layouts), "coarse": summary(coarse_rows),
               "settings": {}}
     for name, kwargs in SETTINGS.items():
-        rows, changes = [], []
+        rows, images = [], []
         for (prompt, seed), layout, coarse in zip(jobs, layouts, coarse_images):
             if layout is None:
                 image = coarse
             else:
-                image = pipe(prompt, layout=layout, generator=torch.Generator().manual_seed(seed), **common,
+                image = pipe(prompt, layout=layout, generator=torch.Generator().manual_seed(seed), **GENERATION,
                              **kwargs).images[0]
+            images.append(image)
             rows.append(check_prompt(image, parse_shapes_prompt(prompt)))
-            changes.append(float(np.abs(np.asarray(image, float) - np.asarray(coarse, float)).mean()))
-        fixed = sum(c["binding"] == 0 and r["binding"] == 1 for c, r in zip(coarse_rows, rows))
-        broken = sum(c["binding"] == 1 and r["binding"] == 0 for c, r in zip(coarse_rows, rows))
+        fixed, broken = fixed_and_broken([c["binding"] for c in coarse_rows], [r["binding"] for r in rows])
         result["settings"][name] = {**summary(rows), "kwargs": kwargs, "fixed": fixed, "broken": broken,
-                                    "mean_abs_pixel_change": round(float(np.mean(changes)), 2)}
+                                    "mean_abs_pixel_change": round(float(np.mean(pixel_changes(coarse_images, images))), 2)}
         print(name, result["settings"][name], flush=True)
     result["wall_s"] = round(time.time() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

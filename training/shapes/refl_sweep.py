@@ -26,10 +26,10 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
+from ablation import GENERATION, add_job_arguments, fixed_and_broken, heldout_jobs, pixel_changes, summary
 from experiment import REFL_COMMON, REFL_RUNS, shapes_models, train_refl_run
 from make_refl_data import make_refl_data
 
-from realign_pipeline.evaluation.prompts import load_prompts
 from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 
@@ -48,9 +48,6 @@ SETTINGS: dict[str, tuple[str, str, dict[str, Any], int]] = {
     "clip-lr1e-3": ("CLIP, lr 1e-3, 400 steps", "refl-clip", {"learning_rate": 1e-3}, 400),
 }
 
-GENERATION = {"height": 32, "width": 32, "num_inference_steps": 20, "guidance_scale": 4.0}
-
-
 def reward_curve(log_file: Path) -> dict[str, Any]:
     """Mean training objective and ``L_pre`` over the first and the last fifth of the logged steps."""
     rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -64,20 +61,11 @@ def reward_curve(log_file: Path) -> dict[str, Any]:
             "loss_pre_first": mean(rows[:fifth], "loss_pre"), "loss_pre_last": mean(rows[-fifth:], "loss_pre")}
 
 
-def summary(rows: list[dict]) -> dict[str, float | None]:
-    result = {}
-    for key in ("presence", "binding", "position"):
-        values = [r[key] for r in rows if r[key] is not None]
-        result[key] = round(float(np.mean(values)), 4) if values else None
-    return result
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (LoRAs, refl_sweep.json)")
     parser.add_argument("--models", default=None, help="as experiment.py --models (default: the shipped assets)")
-    parser.add_argument("--limit", type=int, default=48)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    add_job_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -95,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = RealignDiffPipeline.from_pretrained(models["pipeline"])
     pipe.set_progress_bar_config(disable=True)
-    jobs = [(r.text, s) for r in load_prompts("shapes-heldout", limit=args.limit, seed=0) for s in args.seeds]
+    jobs = heldout_jobs(args.limit, args.seeds)
 
     def generate() -> list:
         return [pipe(p, generator=torch.Generator().manual_seed(s), **GENERATION).images[0] for p, s in jobs]
@@ -112,15 +100,15 @@ def main(argv: list[str] | None = None) -> None:
         images = generate()
         pipe.unload_lora_weights()
         rows = [check_prompt(im, parse_shapes_prompt(p)) for im, (p, _) in zip(images, jobs)]
-        change = [float(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()) for a, b in zip(images, base_images)]
+        change = pixel_changes(base_images, images)
+        fixed, broken = fixed_and_broken([b["binding"] for b in base_rows], [r["binding"] for r in rows])
         result["settings"][folder] = {
             "label": label, "run": run, "steps": steps,
             "reward_weight": overrides.get("reward_weight", REFL_RUNS[run]["reward_weight"]),
             "learning_rate": overrides.get("learning_rate", REFL_COMMON["learning_rate"]),
             "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
             **summary(rows),
-            "fixed": sum(b["binding"] == 0 and r["binding"] == 1 for b, r in zip(base_rows, rows)),
-            "broken": sum(b["binding"] == 1 and r["binding"] == 0 for b, r in zip(base_rows, rows)),
+            "fixed": fixed, "broken": broken,
             "mean_abs_pixel_change": round(float(np.mean(change)), 2),
             "images_changed_over_10": sum(c > 10 for c in change),
             "reward_curve": reward_curve(Path(record["folder"]) / "train_log.jsonl"),
