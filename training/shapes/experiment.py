@@ -50,6 +50,7 @@ if str(_HERE) not in sys.path:
 
 import numpy as np
 import torch
+from ablation import fixed_and_broken
 from make_refl_data import make_refl_data
 
 TRAIN_REFL = _HERE.parent / "train_refl.py"
@@ -329,34 +330,37 @@ DIFFERENCES = (
 )
 
 
-def _per_image(eval_dir: Path, config: str, metric: str) -> dict[tuple[str, str], float]:
-    """``{(seed folder, prompt key): value}`` of one metric over every seed of a configuration."""
+def _per_image_scores(eval_dir: Path, config: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(seed folder, prompt key): scores}`` over every seed of a configuration (its per_image.jsonl files)."""
     from realign_pipeline.evaluation.run import config_folder_name
 
-    values = {}
+    scores = {}
     for seed_dir in sorted((eval_dir / config_folder_name(config)).glob("seed*")):
         for line in (seed_dir / "per_image.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            value = row["scores"].get(metric)
-            if value is not None:
-                values[(seed_dir.name, row["prompt_key"])] = float(value)
-    return values
+            scores[(seed_dir.name, row["prompt_key"])] = row["scores"]
+    return scores
+
+
+def _paired(a: dict[tuple[str, str], dict[str, Any]], b: dict[tuple[str, str], dict[str, Any]],
+            metric: str) -> dict[str, Any]:
+    keys = sorted(k for k in a.keys() & b.keys() if a[k].get(metric) is not None and b[k].get(metric) is not None)
+    if not keys:
+        return {"mean": None, "ci": None, "n": 0, "fixed": 0, "broken": 0}
+    from realign_pipeline.evaluation.score import bootstrap_ci
+
+    before, after = [float(a[k][metric]) for k in keys], [float(b[k][metric]) for k in keys]
+    diffs = [y - x for x, y in zip(before, after, strict=True)]
+    low, high = bootstrap_ci(diffs, groups=[k[1] for k in keys])
+    fixed, broken = fixed_and_broken(before, after)
+    return {"mean": float(np.mean(diffs)), "ci": [low, high], "n": len(keys), "fixed": fixed, "broken": broken}
 
 
 def paired_difference(eval_dir: Path, config_a: str, config_b: str, metric: str = "shapes_binding") -> dict[str, Any]:
     """Mean of B - A over the images both have (same prompt, same seed), its 95% prompt-clustered bootstrap CI,
     and for 0/1 metrics how many images B fixed (A 0, B 1) and broke (A 1, B 0). Pairing removes the variation
     between prompts, which dominates the CIs of the means, so a small effect shows here first."""
-    from realign_pipeline.evaluation.score import bootstrap_ci
-
-    a, b = _per_image(eval_dir, config_a, metric), _per_image(eval_dir, config_b, metric)
-    keys = sorted(a.keys() & b.keys())
-    if not keys:
-        return {"mean": None, "ci": None, "n": 0, "fixed": 0, "broken": 0}
-    diffs = [b[k] - a[k] for k in keys]
-    low, high = bootstrap_ci(diffs, groups=[k[1] for k in keys])
-    return {"mean": float(np.mean(diffs)), "ci": [low, high], "n": len(keys),
-            "fixed": sum(a[k] == 0 and b[k] == 1 for k in keys), "broken": sum(a[k] == 1 and b[k] == 0 for k in keys)}
+    return _paired(_per_image_scores(eval_dir, config_a), _per_image_scores(eval_dir, config_b), metric)
 
 
 def write_differences(out: Path, eval_dir: Path) -> dict[str, Any]:
@@ -367,10 +371,11 @@ def write_differences(out: Path, eval_dir: Path) -> dict[str, Any]:
              "| | binding B - A | binding fixed / broken | presence B - A | presence fixed / broken |",
              "|---|---:|---:|---:|---:|"]
     table: dict[str, Any] = {"rows": []}
+    scores = {c: _per_image_scores(eval_dir, c) for c in {c for _, a, b in DIFFERENCES for c in (a, b)}}
     for label, config_a, config_b in DIFFERENCES:
         cells, row = [], {"label": label, "a": config_a, "b": config_b}
         for metric in ("shapes_binding", "shapes_presence"):
-            d = paired_difference(eval_dir, config_a, config_b, metric)
+            d = _paired(scores[config_a], scores[config_b], metric)
             row[metric] = d
             if d["mean"] is None:
                 cells += ["—", "—"]
