@@ -11,6 +11,7 @@ So a fault of the segmenter used by the fine stage does not also hide in the sco
 from __future__ import annotations
 
 import colorsys
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,7 @@ _TEMPLATE_RES = 128
 _SUBPIXELS = 4
 
 
+@functools.cache
 def _unit_templates() -> dict[str, np.ndarray]:
     """Each shape filling the unit box, rasterised at :data:`_TEMPLATE_RES` (sampled by :func:`_fit_template`)."""
     return {
@@ -117,7 +119,6 @@ def _unit_templates() -> dict[str, np.ndarray]:
     }
 
 
-_UNIT = _unit_templates()
 
 
 def _fit_template(unit: np.ndarray, box: tuple[float, float, float, float], side: int) -> np.ndarray:
@@ -141,7 +142,7 @@ def _best_template(soft: np.ndarray) -> tuple[str, float]:
     x0, x1 = _edges(soft.max(axis=0))
     y0, y1 = _edges(soft.max(axis=1))
     scores = {}
-    for shape, unit in _UNIT.items():
+    for shape, unit in _unit_templates().items():
         template = _fit_template(unit, (x0, x1, y0, y1), soft.shape[0])
         scores[shape] = float(np.minimum(template, soft).sum() / max(np.maximum(template, soft).sum(), 1e-6))
     best = max(scores, key=scores.get)
@@ -157,6 +158,10 @@ def detect(image: PIL.Image.Image | np.ndarray) -> list[dict[str, Any]]:
     h, w = rgb.shape[:2]
     index, coverage = _classes(rgb)
     solid = (index >= 0) & (coverage >= MIN_COVERAGE)
+    # Padded once, wide enough for any region's crop, so a crop may run past the image border; padding has
+    # class -1 (no object).
+    pad = max(h, w) + 2 * RIM
+    cls_pad, cov_pad, solid_pad = np.pad(index, pad, constant_values=-1), np.pad(coverage, pad), np.pad(solid, pad)
     detections = []
     for region in _flood_fill(solid, index):
         if len(region) < MIN_AREA * h * w:
@@ -167,11 +172,6 @@ def detect(image: PIL.Image.Image | np.ndarray) -> list[dict[str, Any]]:
         side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 + 2 * RIM
         top = (ys.min() + ys.max()) // 2 - side // 2
         left = (xs.min() + xs.max()) // 2 - side // 2
-        # Pad so the crop may run past the image border; padding has class -1 (no object).
-        pad = side
-        cls_pad = np.pad(index, pad, constant_values=-1)
-        cov_pad = np.pad(coverage, pad)
-        solid_pad = np.pad(solid, pad)
         crop = (slice(top + pad, top + pad + side), slice(left + pad, left + pad + side))
         soft = np.where(cls_pad[crop] == cls, cov_pad[crop], 0.0)
         # Only this region and its rim: a second object of the same hue must not enter the template fit.
