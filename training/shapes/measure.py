@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from common import images_to_tensor
 
 from realign_pipeline import RealignDiffPipeline
 from realign_pipeline.shapes.checker import check_prompt, checker_accuracy
@@ -88,8 +89,7 @@ def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
     scenes = [s for s in (sample_scene(random.Random(i), num_objects=2) for i in range(num_scenes * 2))
               if s.objects[0].color != s.objects[1].color][:num_scenes]
     true, swaps = [s.caption for s in scenes], [colour_swap(s.caption) for s in scenes]
-    pixels = torch.stack([torch.from_numpy(np.array(render_scene(s))).permute(2, 0, 1).float() / 127.5 - 1
-                          for s in scenes])
+    pixels = images_to_tensor(np.stack([np.asarray(render_scene(s)) for s in scenes]))
     out = {"n": len(scenes)}
     with torch.no_grad():
         out["captioner_likelihood"] = float((reward.prompt_log_likelihood(pixels, true)
@@ -143,10 +143,7 @@ def main() -> None:
 
     clip, processor = CLIPModel.from_pretrained(models / "clip").eval(), CLIPProcessor.from_pretrained(models / "clip")
     scenes = [sample_scene(random.Random(i), num_objects=2) for i in range(400)]
-    swapped = []
-    for scene in scenes:
-        a, b = scene.objects
-        swapped.append(scene.caption.replace(a.color, "@").replace(b.color, a.color).replace("@", b.color))
+    swapped = [colour_swap(scene.caption) for scene in scenes]
     wins = 0
     for i in range(0, len(scenes), 100):
         chunk = scenes[i : i + 100]
