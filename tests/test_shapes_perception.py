@@ -226,3 +226,29 @@ def test_check_prompt_binding_presence_and_position() -> None:
         ("red", "circle"),
         ("green", "square"),
     ]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_checker_reads_shapes_stretched_as_the_unet_draws_them(shape: str) -> None:
+    """The UNet draws some shapes taller than wide (e.g. a 16 x 19 px square); a square template scored such a
+    square below a circle. Each shape, drawn 13 px wide and 18 px tall (and the transpose), keeps its name."""
+    from realign_pipeline.shapes.world import BACKGROUND
+
+    unit = shape_mask(ShapeObject("red", shape, 0.5, 0.5, 1.0), size=128, supersample=1)
+    for width, height in ((13, 18), (18, 13)):
+        stretched = PIL.Image.fromarray((unit * 255).astype(np.uint8)).resize((width * 4, height * 4),
+                                                                               PIL.Image.Resampling.BOX)
+        coverage = np.zeros((128, 128), dtype=np.float32)
+        coverage[20:20 + height * 4, 24:24 + width * 4] = np.asarray(stretched, dtype=np.float32) / 255.0
+        big = np.asarray(BACKGROUND, float) * (1 - coverage[..., None]) + np.asarray(COLORS["blue"], float) * coverage[..., None]
+        image = PIL.Image.fromarray(big.round().astype(np.uint8)).resize((32, 32), PIL.Image.Resampling.BOX)
+        found = detect(image)
+        assert [(d["color"], d["shape"]) for d in found] == [("blue", shape)], (width, height, found)
+
+
+def test_checker_keeps_a_nearby_fragment_of_the_same_colour_out_of_the_shape_fit() -> None:
+    """A separate same-coloured speck within the rim of a square used to widen its box so it read as a circle."""
+    image = np.array(render_scene((ShapeObject("green", "square", 0.5, 0.5, 0.45),)), dtype=np.uint8)
+    image[14:17, 6:7] = COLORS["green"]  # a 1 x 3 px fragment 2 px left of the square, not 4-connected to it
+    found = detect(image)
+    assert ("green", "square") in [(d["color"], d["shape"]) for d in found], found
