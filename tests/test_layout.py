@@ -74,6 +74,51 @@ def test_resize_keeps_small_objects_and_handles_non_square():
     assert big.shape == (4, 6) and big[0, 0] == 1 and big[-1, -1] == 0
 
 
+
+def test_upsampling_repeats_values_instead_of_ramping():
+    # a 2x2 mask at 8x8: each input cell becomes a 4x4 block, with no bilinear ramp across the edge
+    big = resize_mask(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[:4, :4] = 1.0
+    assert torch.equal(big, expected)
+    assert torch.equal(Region("cat", mask=np.array([[True, False], [False, False]])).mask_at(8, 8), expected)
+
+
+@pytest.mark.parametrize("shape, size", [((64, 48), (8, 6)), ((64, 64), (8, 8)), ((37, 50), (8, 8)), ((64, 96), (7, 5))])
+def test_downsampling_is_an_area_average(shape, size):
+    generator = torch.Generator().manual_seed(0)
+    mask = (torch.rand(shape, generator=generator) > 0.7).float()
+    mask[3:9, 5:11] = torch.rand(6, 6, generator=generator)  # soft values too
+    small = resize_mask(mask, *size)
+    assert small.shape == size
+    assert float(small.mean()) == pytest.approx(float(mask.mean()), abs=1e-6)
+    assert 0 <= float(small.min()) and float(small.max()) <= 1
+    if shape[0] % size[0] == 0 and shape[1] % size[1] == 0:  # integer ratio: the mean of each block
+        blocks = mask.reshape(size[0], shape[0] // size[0], size[1], shape[1] // size[1]).mean(dim=(1, 3))
+        torch.testing.assert_close(small, blocks)
+
+
+def test_non_integer_upsampling_mixes_only_straddling_cells():
+    mask = torch.zeros(3, 5)
+    mask[1, 2] = 1.0  # the centre cell: rows 1/3..2/3, columns 2/5..3/5 of the image
+    big = resize_mask(mask, 8, 8)
+    assert big.shape == (8, 8)
+    assert float(big.mean()) == pytest.approx(1 / 15, abs=1e-6)  # the area is kept
+    torch.testing.assert_close(big, _box_coverage_reference(1 / 3, 2 / 3, 2 / 5, 3 / 5, 8, 8))
+    assert 0 <= float(big.min()) and float(big.max()) <= 1
+
+
+def _box_coverage_reference(y0, y1, x0, x1, height, width):
+    """Fraction of each cell covered by the rectangle, computed cell by cell."""
+    out = torch.zeros(height, width)
+    for i in range(height):
+        for j in range(width):
+            dy = max(0.0, min(y1, (i + 1) / height) - max(y0, i / height)) * height
+            dx = max(0.0, min(x1, (j + 1) / width) - max(x0, j / width)) * width
+            out[i, j] = dy * dx
+    return out
+
+
 # ---------------------------------------------------------------- JSON
 def test_json_round_trip_keeps_every_field(tmp_path):
     binary = np.zeros((6, 9), dtype=bool)

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from .tokens import phrase_occurrences, prompt_token_ids
@@ -100,18 +99,33 @@ def _box_coverage(box: tuple[float, float, float, float], height: int, width: in
     return axis(y0, y1, height)[:, None] * axis(x0, x1, width)[None, :]
 
 
-def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize a (H, W) mask in [0, 1] to (height, width), keeping coverage fractions.
+def _coverage_weights(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights: the fraction of each output cell that each input cell covers.
 
-    Downsampling averages (antialiased bilinear), so an object smaller than one attention cell keeps a small
-    positive weight instead of vanishing, as nearest-neighbour resizing would do at 8x8.
+    Both axes span [0, 1]; in units of ``1 / (size_in * size_out)`` every cell edge is an integer, so the
+    overlaps are exact. Rows sum to 1: an output cell is the area average of the input cells under it.
+    """
+    out_lo = torch.arange(size_out, dtype=torch.int64)[:, None] * size_in
+    in_lo = torch.arange(size_in, dtype=torch.int64)[None, :] * size_out
+    overlap = (torch.minimum(out_lo + size_in, in_lo + size_out) - torch.maximum(out_lo, in_lo)).clamp(min=0)
+    return overlap.to(torch.float64) / size_in
+
+
+def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize a (H, W) mask in [0, 1] to (height, width) by exact area coverage.
+
+    Each output cell is the area-weighted mean of the input cells it overlaps, at any ratio, square or not.
+    Downsampling is an area average, so the mask's mean (its area) is kept exactly and an object smaller than
+    one attention cell keeps a small positive weight instead of vanishing, as it would under nearest at 8x8.
+    Upsampling by an integer factor repeats each value (nearest); at other ratios only the cells straddling an
+    input edge mix the two values they straddle. No value is invented beyond what the input covers.
     """
     if tuple(mask.shape) == (height, width):
         return mask
-    resized = F.interpolate(
-        mask[None, None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
-    )[0, 0]
-    return resized.clamp_(0, 1)
+    rows = _coverage_weights(mask.shape[0], height)
+    cols = _coverage_weights(mask.shape[1], width)
+    resized = rows @ mask.to(torch.float64) @ cols.T
+    return resized.to(torch.float32).clamp_(0, 1)
 
 
 @dataclass
