@@ -179,8 +179,9 @@ def test_abc6k_color_coverage_stays_at_the_documented_level():
 class ChatServer:
     """A loopback ``/v1/chat/completions`` that replays scripted replies, one per request.
 
-    A reply is ("ok", text), ("status", code), ("stall", seconds) or ("empty-choices", None); when the script
-    runs out, the last reply repeats.
+    A reply is ("ok", text), ("status", code), ("stall", seconds), ("empty-choices", None), ("json", payload)
+    (any JSON body, status 200) or ("raw", (content_type, text)) (any body, status 200); when the script runs
+    out, the last reply repeats.
     """
 
     def __init__(self):
@@ -206,6 +207,12 @@ class ChatServer:
                     if kind == "status":
                         self._send(value, {"error": {"message": "scripted failure", "type": "server_error"}})
                         return
+                    if kind == "json":
+                        self._send(200, value)
+                        return
+                    if kind == "raw":
+                        self._send(200, value[1].encode(), content_type=value[0])
+                        return
                     choices = [] if kind == "empty-choices" else [
                         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": value}}]
                     self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
@@ -213,10 +220,10 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
+            def _send(self, code, payload, content_type="application/json"):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -311,10 +318,51 @@ def test_openai_invalid_then_valid_answer_is_used(server):
     assert result.objects[1].phrase == "yellow vase"
 
 
-def test_openai_no_choices_counts_as_empty(server):
-    server.reply(("empty-choices", None))
-    result = client(server, max_reasks=0).judge(PROMPT, TAGS)
-    assert result.source["fallback"] and "empty answer" in result.source["reason"]
+PORTAL = "<!DOCTYPE html><html><head><title>Sign in to the network</title></head><body>Log in</body></html>"
+MESSAGE = {"role": "assistant", "content": None}
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (("raw", ("text/html; charset=utf-8", PORTAL)), "not JSON (text/html)"),
+        (("raw", ("application/json", PORTAL)), "not JSON (application/json)"),  # a portal that lies about it
+        (("raw", ("application/json", "")), "empty body"),
+        (("json", {"id": "chatcmpl-1", "object": "chat.completion"}), "no 'choices'"),
+        (("json", {"error": {"message": "model overloaded"}}), "model overloaded"),
+        (("empty-choices", None), "'choices' is empty"),
+        (("json", {"choices": {"message": GOOD_TEXT}}), "'choices' is dict, not a list"),
+        (("json", {"choices": [{"message": GOOD_TEXT}]}), "no 'message' object"),
+        (("json", {"choices": [{"index": 0, "message": MESSAGE}]}), "content is null"),
+        (("json", {"choices": [{"message": MESSAGE | {"refusal": "I cannot help"}}]}), "refusal: 'I cannot help'"),
+        (("json", {"choices": [{"message": {"content": 2}}]}), "content is int, not text"),
+        (("json", ["not", "an", "object"]), "JSON list"),
+    ],
+    ids=["html", "html-labelled-json", "empty-body", "no-choices", "error-object", "empty-choices",
+         "choices-not-list", "no-message", "content-null", "refusal", "content-number", "json-list"],
+)
+def test_openai_unusable_replies_are_retried_then_fall_back(server, reply, reason):
+    server.reply(reply)
+    result = client(server, max_retries=2, backoff=0.0).judge(PROMPT, TAGS)
+    assert_valid(result)
+    assert result.source["fallback"] is True and result.source["raw"] is None
+    assert result.source["reason"].startswith("unusable reply: ") and reason in result.source["reason"]
+    assert result.source["attempts"] == 3 and len(server.requests) == 3  # bounded: the first try + 2 retries
+    assert result.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
+
+
+def test_openai_recovers_after_an_html_page(server):
+    server.reply(("raw", ("text/html", PORTAL)), ("ok", GOOD_TEXT))
+    result = client(server, max_retries=1, max_reasks=0).judge(PROMPT, TAGS)  # a retry, not a re-ask
+    assert result.source["fallback"] is False and result.source["attempts"] == 2
+    assert result.objects[0].phrase == "red book"
+
+
+def test_openai_reply_echoing_the_key_is_redacted(server):
+    server.reply(("raw", ("text/html", f"<html>proxy saw Authorization: Bearer {SECRET}</html>")))
+    result = client(server, max_retries=0).judge(PROMPT, TAGS)
+    assert result.source["fallback"] is True and "not JSON" in result.source["reason"]
+    assert SECRET not in json.dumps(result.source)
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
@@ -481,6 +529,29 @@ def test_transformers_valid_answer_goes_through_validation(tiny_chat_model, monk
     result = llm.judge(PROMPT, TAGS)
     assert result.source["fallback"] is False and result.objects[0].phrase == "red book"
     assert seen and seen[0][-1]["role"] == "user"
+
+
+def test_transformers_generation_returning_an_output_object_is_read(tiny_chat_model):
+    # A model whose saved generation config asks for dict outputs: the answer is still read (and here, being
+    # random, re-asked and replaced by the rules), not reported as a failed generation.
+    llm = TransformersChat(tiny_chat_model, device="cpu", max_new_tokens=2, max_reasks=0)
+    llm._load()
+    llm._model.generation_config.return_dict_in_generate = True
+    result = llm.judge(PROMPT, TAGS)
+    assert result.source["fallback"] is True and result.source["reason"].startswith("invalid answer: ")
+    assert isinstance(result.source["raw"], str)
+
+
+def test_an_unexpected_backend_error_falls_back(tiny_chat_model, monkeypatch):
+    llm = TransformersChat(tiny_chat_model, device="cpu")
+
+    def broken(self, messages):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(TransformersChat, "_complete", broken)
+    result = llm.judge(PROMPT, TAGS)
+    assert result.source["fallback"] is True and result.source["attempts"] == 1
+    assert result.source["reason"] == "request failed: RuntimeError: device lost"
 
 
 def test_transformers_without_chat_template_or_model(tiny_chat_model, tmp_path):

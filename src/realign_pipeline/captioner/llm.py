@@ -10,7 +10,8 @@ Backends, all with ``judge(prompt, tags) -> LLMResult``:
 
 The paper names a wrong LLM answer as its main limitation, so every answer goes through
 :func:`validate_answer`. An invalid answer is asked again (``max_reasks`` times, telling the model what was
-wrong); network errors, timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with exponential backoff;
+wrong); network errors, timeouts, HTTP 429 and 5xx, and replies that are not a chat completion (an HTML page
+from a proxy, no ``choices``, ``content: null``) are retried ``max_retries`` times with exponential backoff;
 after that, or on any other error, the result is the rule-based one and ``source`` says why::
 
     {"backend": "openai", "model": "gpt-4o", "fallback": True, "reason": "...", "raw": <last answer or None>,
@@ -217,8 +218,52 @@ class _TransientError(Exception):
     """A failure worth retrying after a pause (network, timeout, 429, 5xx)."""
 
 
+class _BadReply(_TransientError):
+    """A reply that is not a chat completion (an HTML page from a proxy, no ``choices``, ``content: null``).
+
+    Retried like a network error: a proxy or a busy server may answer properly next time.
+    """
+
+
 class _PermanentError(Exception):
     """A failure that retrying will not fix (authentication, bad request, model missing)."""
+
+
+def _snippet(text: str, limit: int = 80) -> str:
+    """The start of a reply body on one line, for a readable reason."""
+    text = " ".join(text.split())
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def _completion_text(body: str, content_type: str = "") -> str:
+    """The answer text of a chat completion response body; :class:`_BadReply` says what is wrong with it."""
+    kind = content_type.split(";")[0].strip() or "no content type"
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):
+        if not body.strip():
+            raise _BadReply(f"the server answered with an empty body ({kind})") from None
+        raise _BadReply(f"the server's reply is not JSON ({kind}): {_snippet(body)}") from None
+    if not isinstance(data, dict):
+        raise _BadReply(f"the server's reply is a JSON {type(data).__name__}, not a chat completion object")
+    if "choices" not in data:
+        detail = f"; error: {_snippet(str(data['error']))}" if data.get("error") else ""
+        raise _BadReply(f"the reply has no 'choices' (keys {sorted(data)[:8]}){detail}")
+    choices = data["choices"]
+    if not isinstance(choices, list):
+        raise _BadReply(f"the reply's 'choices' is {type(choices).__name__}, not a list")
+    if not choices:
+        raise _BadReply("the reply's 'choices' is empty")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise _BadReply(f"the reply's first choice has no 'message' object (got {_snippet(str(choices[0]))})")
+    content = message.get("content")
+    if content is None:
+        refusal = f"; refusal: {_snippet(str(message['refusal']))}" if message.get("refusal") else ""
+        raise _BadReply(f"the reply's message content is null{refusal}")
+    if not isinstance(content, str):
+        raise _BadReply(f"the reply's message content is {type(content).__name__}, not text")
+    return content
 
 
 def _dedupe(tags: list[str]) -> list[str]:
@@ -340,7 +385,7 @@ class _ChatLLM:
                 raw = self._complete(messages)
             except _TransientError as error:
                 failures += 1
-                reason = f"request failed: {error}"
+                reason = f"unusable reply: {error}" if isinstance(error, _BadReply) else f"request failed: {error}"
                 if failures > self.max_retries:
                     return self._fall_back(prompt, tags, f"{reason} (after {failures} tries)", raw, attempts)
                 delay = self.backoff * 2 ** (failures - 1)
@@ -350,6 +395,9 @@ class _ChatLLM:
                 continue
             except _PermanentError as error:
                 return self._fall_back(prompt, tags, f"request failed: {error}", raw, attempts)
+            except Exception as error:  # noqa: BLE001 - a backend bug or client surprise must not end the pipeline call
+                return self._fall_back(prompt, tags, f"request failed: {type(error).__name__}: {error}", raw,
+                                       attempts)
             try:
                 objects = validate_answer(raw, prompt, tags)
             except LLMAnswerError as error:
@@ -386,8 +434,8 @@ class OpenAIChat(_ChatLLM):
             for Ollama; default ``OPENAI_BASE_URL`` from the environment, else OpenAI's own.
         api_key: default ``OPENAI_API_KEY``. With neither a key nor a base URL, every call falls back to the
             rule-based result (one warning). A local server without keys gets a placeholder key.
-        timeout: seconds per request. max_retries: retries after network errors, timeouts, HTTP 429 and 5xx
-            (the client's own retries are off). max_reasks: how often an invalid answer is asked again.
+        timeout: seconds per request. max_retries: retries after network errors, timeouts, HTTP 429 and 5xx,
+            and replies that are not a chat completion (the client's own retries are off). max_reasks: how often an invalid answer is asked again.
         backoff: the first pause between retries in seconds, doubled each retry. cache_dir: optional disk cache.
 
     Requests use temperature 0. The key is kept in memory only: it is not in ``to_config()``, ``source``,
@@ -444,9 +492,12 @@ class OpenAIChat(_ChatLLM):
         import openai
 
         try:
-            response = self._get_client().chat.completions.create(
+            # The raw response: the client's own parsing raises JSONDecodeError on a non-JSON body labelled
+            # JSON and returns the bare text for other content types; we check the body ourselves.
+            response = self._get_client().chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, temperature=0
             )
+            body, content_type = response.text, response.headers.get("content-type", "")
         except (openai.APITimeoutError, openai.APIConnectionError) as error:
             raise _TransientError(f"{type(error).__name__}: {error}") from None
         except (openai.RateLimitError, openai.InternalServerError) as error:
@@ -457,10 +508,12 @@ class OpenAIChat(_ChatLLM):
             raise _PermanentError(f"HTTP {error.status_code} ({type(error).__name__})") from None
         except openai.OpenAIError as error:
             raise _PermanentError(f"{type(error).__name__}: {error}") from None
-        try:
-            return response.choices[0].message.content or ""
-        except (AttributeError, IndexError, TypeError):
-            return ""
+        return _completion_text(self._redact(body), content_type)
+
+    def _redact(self, text: str) -> str:
+        """`text` without the API key, in case a proxy echoes the request into its reply."""
+        _, api_key = self._resolved()
+        return text.replace(api_key, "***") if api_key else text
 
     def to_config(self) -> dict[str, Any]:
         """Backend, model, explicit base_url, timeout, retries, cache folder; never the API key."""
@@ -543,7 +596,9 @@ class TransformersChat(_ChatLLM):
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                         pad_token_id=pad)
-            new_tokens = output[0, inputs["input_ids"].shape[1] :]
+            # A generation config saved with return_dict_in_generate=True gives an output object, not a tensor.
+            sequences = getattr(output, "sequences", output)
+            new_tokens = sequences[0, inputs["input_ids"].shape[1] :]
             return tokenizer.decode(new_tokens, skip_special_tokens=True)
         except Exception as error:  # noqa: BLE001
             raise _PermanentError(f"generation failed: {type(error).__name__}: {error}") from None
