@@ -44,9 +44,10 @@ def blip2_preprocess_tensor(
 ) -> torch.Tensor:
     """The BLIP-2 image processor's steps in torch, differentiable: ``(B, C, H, W)`` -> ``pixel_values``.
 
-    ``BlipImageProcessor`` resizes to ``size["height"] x size["width"]`` (bicubic, no crop), rescales to
-    ``[0, 1]`` and normalises with its mean/std -- the same steps :func:`clip_preprocess_tensor` writes in
-    torch (it reads the processor's ``size`` and finds no ``crop_size``), so it is reused as is. Only
+    ``BlipImageProcessor`` resizes the 8-bit image to ``size["height"] x size["width"]`` (bicubic, no crop),
+    rescales to ``[0, 1]`` and normalises with its mean/std -- the same steps :func:`clip_preprocess_tensor`
+    writes in torch (it reads the processor's ``size`` and finds no ``crop_size``), so it is reused as is:
+    out-of-range pixels (a VAE's overshoot) are clipped before resizing, as in the 8-bit image. Only
     bicubic resizing is reproduced (the real BLIP-2 checkpoints use it); another ``resample`` is an error.
     """
     resample = getattr(image_processor, "resample", _BICUBIC)

@@ -7,9 +7,11 @@ Two ways in for images:
   no gradient (``torch.no_grad``).
 - Tensors (``B, C, H, W``, values in ``[-1, 1]`` as a VAE decodes them, or ``[0, 1]``) go through
   :func:`clip_preprocess_tensor`: the processor's steps re-written in torch -- resize the shortest side
-  (bicubic, antialiased), center crop, normalise with the processor's mean/std -- so gradients reach the
-  pixels. Tested to match the processor within a small tolerance (the processor rounds to ``uint8`` after
-  resizing; torch does not).
+  (bicubic, antialiased, width then height as PIL does), center crop, normalise with the processor's
+  mean/std -- so gradients reach the pixels. Values outside the range (a VAE overshoots ``[-1, 1]``) are
+  clipped *before* resizing, because the processor receives an 8-bit image, which holds nothing outside
+  ``[0, 255]``. Tested to match the processor within two 8-bit levels, out-of-range input and noise
+  included (the processor rounds to ``uint8`` after each resize pass; torch does not round).
 
 Scores are **raw cosine similarities** of the L2-normalised projected embeddings, in ``[-1, 1]``: no
 ``logit_scale``, no ``max(100 * cos, 0)`` clipping as in the CLIPScore paper. Multiply by
@@ -84,6 +86,21 @@ def _processor_settings(image_processor: Any) -> dict[str, Any]:
     }
 
 
+def _resize_like_pil(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of ``[0, 1]`` images as PIL resizes an 8-bit image: width first, then height,
+    each pass clipped to ``[0, 1]``. PIL stores the horizontal pass in an 8-bit image before the vertical one,
+    so the bicubic filter's overshoot at sharp edges is cut in between; one joint 2-D resize would carry it
+    into the second pass (up to ~0.3 normalised units apart on noise). A pass of unchanged size is skipped
+    (the bicubic kernel is 1 at 0 and 0 at the other integers, so it would be the identity)."""
+    if width != x.shape[-1]:
+        x = F.interpolate(x, size=(x.shape[-2], width), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0.0, 1.0)
+    if height != x.shape[-2]:
+        x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0.0, 1.0)
+    return x
+
+
 def clip_preprocess_tensor(
     pixels: torch.Tensor,
     image_processor: Any,
@@ -91,10 +108,14 @@ def clip_preprocess_tensor(
 ) -> torch.Tensor:
     """The CLIP image processor's steps in torch, differentiable: ``(B, C, H, W)`` pixels -> ``pixel_values``.
 
-    1. map ``value_range`` to ``[0, 1]`` (``(-1, 1)`` for VAE output, ``(0, 1)`` for images);
+    1. map ``value_range`` to ``[0, 1]`` (``(-1, 1)`` for VAE output, ``(0, 1)`` for images) and clip to
+       ``[0, 1]``: the processor is handed the 8-bit image (``image_processor.postprocess`` /
+       ``numpy_to_pil`` clip a VAE's overshoot), so out-of-range values never reach its resize (no gradient
+       through clipped values);
     2. resize so the shortest side is ``size["shortest_edge"]`` (or to ``size["height"], size["width"]``),
-       bicubic with antialiasing -- torch's antialiased bicubic follows PIL's filter -- then clip to
-       ``[0, 1]`` as the 8-bit PIL image does (no gradient through clipped overshoot);
+       bicubic with antialiasing -- torch's antialiased bicubic follows PIL's filter -- in PIL's two passes
+       (width, then height), each clipped to ``[0, 1]`` as PIL's 8-bit intermediate and result are (bicubic
+       overshoots at sharp edges);
     3. center crop to ``crop_size`` (same offsets as the processor: ``(H - h) // 2``; zero padding if the
        image is smaller, as the processor does);
     4. normalise with the processor's ``image_mean`` / ``image_std``.
@@ -108,7 +129,9 @@ def clip_preprocess_tensor(
     if pixels.shape[1] != 3:
         raise ValueError(f"expected 1 or 3 channels, got {pixels.shape[1]}")
     lo, hi = value_range
-    x = (pixels.float() - lo) / (hi - lo)
+    # Clip first: the processor resizes the 8-bit image, in which a VAE's overshoot is already cut to [0, 255];
+    # resizing unclipped values would spread the overshoot into neighbouring pixels.
+    x = ((pixels.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
     s = _processor_settings(image_processor)
     h, w = x.shape[-2:]
     if s["do_resize"]:
@@ -119,10 +142,7 @@ def clip_preprocess_tensor(
             new_h, new_w = int(size["height"]), int(size["width"])
         else:
             raise ValueError(f"unsupported image processor size {size}")
-        if (new_h, new_w) != (h, w):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-            # The processor resizes an 8-bit PIL image, so bicubic overshoot is clipped to [0, 255]: do the same.
-            x = x.clamp(0.0, 1.0)
+        x = _resize_like_pil(x, new_h, new_w)
         h, w = new_h, new_w
     if s["do_center_crop"]:
         ch, cw = int(s["crop_size"]["height"]), int(s["crop_size"]["width"])
