@@ -261,9 +261,12 @@ def test_processors_are_installed_only_on_cross_attention_and_restored_on_error(
 
 def test_explicit_self_attention_path_matches_the_reference_when_weights_are_zero():
     attn, hidden, _ = _attention_inputs("self_groupnorm_residual", torch.Generator().manual_seed(7))
-    resolved = resolve_layout(Layout([Region("cat", box=[0, 0, 0.5, 1], score=0.0)]), "a cat", clip_tokenizer())
+    # a region of score 0 would switch the explicit path off; a size term of 0 (area 0.5, weight 2) zeroes
+    # the weights while the region stays active
+    resolved = resolve_layout(Layout([Region("cat", box=[0, 0, 0.5, 1], score=1.0)]), "a cat", clip_tokenizer())
     state = _state(layouts=[resolved])
     state.self_attention_strength = 1.0
+    state.size_weight = 2.0
     state.set_step(0, 999, num_steps=10)
     calls = []
     original_weights = state.self_weights

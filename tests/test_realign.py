@@ -71,10 +71,10 @@ class BoxGrounder:
     def __init__(self, boxes=None):
         self.boxes = {k: tuple(v) for k, v in (BOXES if boxes is None else boxes).items()}
 
-    def ground(self, image, phrases):
+    def ground(self, image, nouns, phrases=None):
         width, height = image.size
         out = []
-        for phrase in phrases:
+        for phrase in nouns if phrases is None else phrases:
             if phrase not in self.boxes:
                 out.append(None)
                 continue
@@ -112,7 +112,8 @@ def pipe(saved_dir):
 
 def run(pipeline, prompt=PROMPT, seed=0, **kwargs):
     kwargs.setdefault("output_type", "np")
-    return pipeline(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), **kwargs)
+    kwargs.setdefault("num_inference_steps", 3)
+    return pipeline(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def test_dense_captioner_builds_a_layout_with_provenance():
@@ -150,8 +151,15 @@ def test_without_a_kept_object_the_coarse_image_is_returned(saved_dir):
     )
     pipe.set_progress_bar_config(disable=True)
     out = run(pipe, realign=True)
-    assert out.realigned == [False] and out.layouts == [None]
+    assert out.realigned == [False]
     assert np.array_equal(out.images, run(pipe).images)
+    # the captioner's record is kept: what it tagged and why nothing was grounded
+    (layout,) = out.layouts
+    assert len(layout) == 0 and layout.prompt == PROMPT
+    assert layout.source["ungrounded_phrases"] == ["red book", "yellow vase"]
+    assert layout.source["llm"]["backend"] == "lookup"
+    images, flags = run(pipe, realign=True, return_dict=False)
+    assert flags is None and np.array_equal(images, out.images)
 
 
 def test_batches_get_one_layout_per_image_and_user_layouts_win(pipe):
@@ -231,3 +239,167 @@ def test_an_outputs_layout_can_be_fed_back(pipe):
     out = run(pipe, realign=True)
     again = run(pipe, layout=out.layouts[0])
     torch.testing.assert_close(out.images, again.images, atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- the same noise
+def _runnable_schedulers(scheduler) -> list[type]:
+    """Every compatible scheduler whose optional dependency is installed (LMS needs scipy, DPM-SDE torchsde)."""
+    from diffusers.utils import is_scipy_available, is_torchsde_available
+
+    missing = {"LMSDiscreteScheduler": not is_scipy_available(), "DPMSolverSDEScheduler": not is_torchsde_available()}
+    return sorted((c for c in scheduler.compatibles if not missing.get(c.__name__)), key=lambda c: c.__name__)
+
+
+def _recording_latents(pipeline):
+    """Record what `prepare_latents` is given and returns, per pass."""
+    calls = []
+    original = pipeline.prepare_latents
+
+    def prepare_latents(*args, **kwargs):
+        given = args[-1] if len(args) == 8 else kwargs.get("latents")
+        out = original(*args, **kwargs)
+        calls.append((None if given is None else given.clone(), out.clone()))
+        return out
+
+    pipeline.prepare_latents = prepare_latents
+    return calls
+
+
+def test_every_scheduler_gets_the_noise_once_scaled_and_the_fine_pass_the_coarse_passs_latents(saved_dir):
+    pipe = RealignDiffPipeline.from_pretrained(saved_dir, safety_checker=None, dense_captioner=captioner())
+    pipe.set_progress_bar_config(disable=True)
+    default = pipe.scheduler
+    names = []
+    for scheduler_cls in _runnable_schedulers(default):
+        pipe.scheduler = scheduler_cls.from_config(default.config)
+        names.append(scheduler_cls.__name__)
+        calls = _recording_latents(pipe)
+        prompts = [PROMPT, "a cat on a mat"]  # the captioner keeps the first image's objects, nothing of the second
+        # guidance off and few steps keep the sweep cheap; PNDM's Runge-Kutta warm-up needs 4 steps
+        settings = {"num_inference_steps": 4 if names[-1] == "PNDMScheduler" else 2, "guidance_scale": 1.0}
+        plain = run(pipe, prompts, **settings)
+        out = run(pipe, prompts, realign=True, **settings)
+        del pipe.prepare_latents
+        assert out.realigned == [True, False], names[-1]
+        # the image the captioner kept nothing of is exactly the plain image
+        assert np.array_equal(out.images[1], plain.images[1]), names[-1]
+        coarse = np.asarray(out.coarse_images[0], dtype=np.float32) / 255
+        assert np.abs(coarse - plain.images[0]).max() <= 1 / 255 + 1e-6, names[-1]
+        (_, plain_start), (coarse_given, coarse_start), (fine_given, fine_start) = calls
+        # both passes start from the plain call's initial latents: unscaled noise in, scaled once by the scheduler
+        assert torch.equal(coarse_given, fine_given), names[-1]
+        assert torch.equal(coarse_start, plain_start) and torch.equal(fine_start, plain_start), names[-1]
+        sigma = float(pipe.scheduler.init_noise_sigma)
+        assert torch.allclose(coarse_start, coarse_given * sigma), names[-1]
+    # both kinds of scheduler were exercised: unit noise and sigma > 1, deterministic and ancestral
+    assert {"DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"} <= set(names)
+
+
+@pytest.fixture()
+def ancestral_pipe(pipe):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def test_a_fine_pass_that_modulates_nothing_replays_the_coarse_image_with_a_stochastic_sampler(
+    ancestral_pipe, monkeypatch
+):
+    from realign_pipeline.attention import RealignAttnProcessor
+
+    explicit_calls = []
+    original = RealignAttnProcessor._explicit_attention
+    monkeypatch.setattr(
+        RealignAttnProcessor,
+        "_explicit_attention",
+        lambda self, *a, **k: explicit_calls.append(1) or original(self, *a, **k),
+    )
+    off = Layout([Region(phrase, box=box, score=0.0) for phrase, box in BOXES.items()])
+    generator = torch.Generator().manual_seed(3)
+    out = ancestral_pipe(PROMPT, num_inference_steps=4, generator=generator, output_type="pt", realign=True, layout=off)
+    plain = ancestral_pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert out.realigned == [True]
+    assert torch.equal(out.images, plain.images)  # bit for bit: same initial latents, same per-step noise
+    assert explicit_calls == []  # score-0 regions never leave the SDPA path
+    # the caller's generator advanced as by one plain call
+    reference = torch.Generator().manual_seed(3)
+    ancestral_pipe(PROMPT, num_inference_steps=4, generator=reference, output_type="pt")
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_the_fine_pass_replays_a_list_of_generators_and_the_global_generator(ancestral_pipe):
+    off = Layout([Region("red book", box=BOXES["red book"], score=0.0)])
+    prompts = [PROMPT, PROMPT]
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    out = ancestral_pipe(prompts, num_inference_steps=4, generator=generators, output_type="pt", realign=True, layout=off)
+    plain = ancestral_pipe(
+        prompts, num_inference_steps=4, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pt"
+    )
+    assert torch.equal(out.images, plain.images)
+    torch.manual_seed(5)
+    out = ancestral_pipe(PROMPT, num_inference_steps=4, output_type="pt", realign=True, layout=off)
+    torch.manual_seed(5)
+    plain = ancestral_pipe(PROMPT, num_inference_steps=4, output_type="pt")
+    assert torch.equal(out.images, plain.images)
+
+
+def test_a_modulated_fine_pass_differs_from_the_coarse_image_only_by_the_modulation(ancestral_pipe):
+    # with an ancestral sampler, regions of score 2 change the image; the same call twice gives the same image
+    first = run(ancestral_pipe, realign=True, seed=4, output_type="pt")
+    second = run(ancestral_pipe, realign=True, seed=4, output_type="pt")
+    assert torch.equal(first.images, second.images)
+    guided = run(ancestral_pipe, seed=4, output_type="pt", layout=Layout(first.layouts[0].regions))
+    torch.testing.assert_close(first.images, guided.images, atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- outputs and callbacks
+class FlaggingSafetyChecker(torch.nn.Module):
+    """Flags every second image and leaves pixels alone: enough to tell the flags' position in a tuple."""
+
+    device = torch.device("cpu")  # read by DiffusionPipeline.device
+    dtype = torch.float32
+
+    def forward(self, images, clip_input):
+        return images, [i % 2 == 1 for i in range(len(images))]
+
+
+def test_return_dict_false_is_images_then_flags_on_every_path(pipe):
+    from transformers import CLIPImageProcessor
+
+    for realign in (False, True):
+        images, flags = run(pipe, realign=realign, return_dict=False)
+        assert isinstance(images, np.ndarray) and flags is None
+        images, flags, maps = run(pipe, realign=realign, return_dict=False, return_attention_maps=True)
+        assert flags is None and isinstance(maps, list) and "book" in maps[0]
+    pipe.safety_checker = FlaggingSafetyChecker()
+    pipe.feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for realign in (False, True):
+        images, flags = run(pipe, [PROMPT, PROMPT], realign=realign, return_dict=False)
+        assert len(images) == 2 and flags == [False, True]
+        out = run(pipe, [PROMPT, PROMPT], realign=realign)
+        assert out.nsfw_content_detected == [False, True]
+
+
+def test_callbacks_fire_in_both_passes_and_know_which(pipe):
+    seen = []
+
+    def on_step_end(pipeline, step, timestep, tensors):
+        seen.append((pipeline.realign_stage, step))
+        return tensors
+
+    run(pipe, realign=True, callback_on_step_end=on_step_end)
+    assert seen == [("coarse", 0), ("coarse", 1), ("coarse", 2), ("fine", 0), ("fine", 1), ("fine", 2)]
+    assert pipe.realign_stage is None
+    seen.clear()
+    run(pipe, callback_on_step_end=on_step_end)
+    assert seen == [(None, 0), (None, 1), (None, 2)]
+
+
+def test_the_stage_is_reset_when_a_pass_raises(pipe):
+    def fail(pipeline, step, timestep, tensors):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        run(pipe, realign=True, callback_on_step_end=fail)
+    assert pipe.realign_stage is None

@@ -154,6 +154,13 @@ def attention_grid_sizes(latent_height: int, latent_width: int, levels: int = 8)
     return sizes
 
 
+def layouts_modulate(layouts: Sequence[ResolvedLayout | None] | None) -> bool:
+    """Whether any region of any layout has a positive Eq. 6 score (only those change attention)."""
+    return layouts is not None and any(
+        layout is not None and any(region.score > 0 for region in layout.regions) for layout in layouts
+    )
+
+
 @dataclass
 class RealignAttentionState:
     """Everything the processors need for one pipeline call, set explicitly by the pipeline at every step.
@@ -190,7 +197,9 @@ class RealignAttentionState:
 
     @property
     def has_layout(self) -> bool:
-        return self.layouts is not None and any(layout is not None and len(layout) for layout in self.layouts)
+        """Whether some region can modulate: ``s = 0`` switches a region off exactly, so the attention of a
+        layout whose scores are all 0 stays on the fast path, as without a layout."""
+        return layouts_modulate(self.layouts)
 
     def set_step(self, step_index: int, timestep: float, num_steps: int, num_train_timesteps: int = 1000) -> None:
         """Called by the pipeline before each UNet call: modulate during the first `modulation_fraction` of steps."""

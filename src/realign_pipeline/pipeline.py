@@ -20,12 +20,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .attention import RealignAttentionState, realign_attention_processors
+from .attention import RealignAttentionState, layouts_modulate, realign_attention_processors
 from .captioner.dense import CONFIG_NAME as CAPTIONER_CONFIG_NAME
 from .captioner.dense import DenseCaptioner
 from .layout import Layout, LayoutError, Region, ResolvedLayout, resolve_layout
+from .replay import RandomStateReplay
 from .tokens import unique_word_keys, word_token_spans
 
 logger = logging.get_logger(__name__)
@@ -66,7 +68,8 @@ class RealignDiffPipelineOutput(BaseOutput):
             are ``token_<i>``.
         layouts: the layouts as bound to each image's prompt (token indices, appended phrases), or None. With
             ``realign=True`` these are the dense captioner's layouts (masks, scores, phrases, provenance in
-            ``.source``): the paper's Figure 6 material.
+            ``.source``): the paper's Figure 6 material. An image whose captioner kept no object has its empty
+            layout here too, so its ``.source`` says why (tags, the LLM's answer, what grounding missed).
         coarse_images: with ``realign=True``, the first (coarse) images as PIL images.
         coarse_attention_maps: with ``realign=True`` and ``return_attention_maps=True``, the coarse pass's maps
             (Figure 7's "before"; `attention_maps` are the "after").
@@ -190,6 +193,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             requires_safety_checker=requires_safety_checker,
         )
         self.dense_captioner = dense_captioner
+        self._realign_stage: str | None = None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """``StableDiffusionPipeline.save_pretrained``, plus the dense captioner's settings in ``dense_captioner/``."""
@@ -335,8 +339,40 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         w = sample_size if self._is_unet_config_sample_size_int else sample_size[1]
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
+    @property
+    def realign_stage(self) -> str | None:
+        """Which pass of a ``realign=True`` call is running: ``"coarse"``, ``"fine"``, or None outside one.
+
+        Callbacks (``callback_on_step_end``) fire in both passes with step indices from 0 in each; they read
+        this to tell the passes apart.
+        """
+        return self._realign_stage
+
+    def _initial_noise(
+        self, num_images: int, height: int, width: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """The unscaled initial noise ``prepare_latents`` would draw: both passes scale it by
+        ``scheduler.init_noise_sigma`` themselves, so it must not be scaled here."""
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        shape = (
+            num_images,
+            self.unet.config.in_channels,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+                f" size of {num_images}. Make sure the batch size matches the length of the generators."
+            )
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+
     def _realign_call(self, args: dict[str, Any], extra: dict[str, Any]) -> RealignDiffPipelineOutput | tuple:
-        """Coarse pass, dense captions, fine pass from the same initial latents (Sec. 3.2.2)."""
+        """Coarse pass, dense captions, fine pass from the same noise (Sec. 3.2.2).
+
+        "The same noise" is the same initial latents and, for stochastic samplers, the same noise at every
+        step: the fine pass replays the random state the coarse pass started from.
+        """
         if self.dense_captioner is None:
             raise ValueError(
                 "realign=True needs a dense captioner: pass dense_captioner=DenseCaptioner(tagger, llm, grounder) "
@@ -349,59 +385,79 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         per_prompt = args["num_images_per_prompt"] or 1
         num_images = batch_size * per_prompt
         height, width = self._default_size(args["height"], args["width"])
+        generator = args["generator"]
         latents = args["latents"]
         if latents is None:
-            dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
-            latents = self.prepare_latents(
-                num_images, self.unet.config.in_channels, height, width, dtype, self._execution_device, args["generator"]
-            )
+            latents = self._initial_noise(num_images, height, width, generator)
         user_layouts = expand_layouts(args["layout"], batch_size, per_prompt) or [None] * num_images
         output_type, return_dict = args["output_type"], args["return_dict"]
 
         stage = {**args, **extra, "height": height, "width": width, "latents": latents, "return_dict": True}
-        coarse = self(**{**stage, "layout": None, "output_type": "pt"})
-        coarse_pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(coarse.images))
+        replay = RandomStateReplay(generator, self._execution_device)  # after the initial noise is drawn
+        try:
+            self._realign_stage = "coarse"
+            coarse = self(**{**stage, "layout": None, "output_type": "pt"})
+            self._realign_stage = None
+            coarse_pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(coarse.images))
 
-        prompts = self._layout_prompts(prompt, batch_size, per_prompt)
-        to_caption = [i for i, layout in enumerate(user_layouts) if layout is None]
-        layouts = list(user_layouts)
-        if to_caption:
-            # One image at a time, so the progress bar moves: tagging, LLM calls and grounding all take
-            # seconds per image with the real models.
-            with self.progress_bar(total=len(to_caption)) as bar:
-                bar.set_description("dense captioning")
-                for index in to_caption:
-                    layouts[index] = self.dense_captioner([coarse_pil[index]], [prompts[index]])[0]
-                    bar.update()
-        realigned = [layout is not None and len(layout) > 0 for layout in layouts]
-        for index, done in enumerate(realigned):
-            if not done:
-                logger.warning(f"image {index}: the dense captioner kept no object; returning the coarse image.")
+            prompts = self._layout_prompts(prompt, batch_size, per_prompt)
+            to_caption = [i for i, layout in enumerate(user_layouts) if layout is None]
+            layouts = list(user_layouts)
+            if to_caption:
+                # One image at a time, so the progress bar moves: tagging, LLM calls and grounding all take
+                # seconds per image with the real models.
+                with self.progress_bar(total=len(to_caption)) as bar:
+                    bar.set_description("dense captioning")
+                    for index in to_caption:
+                        layouts[index] = self.dense_captioner([coarse_pil[index]], [prompts[index]])[0]
+                        bar.update()
+            realigned = [layout is not None and len(layout) > 0 for layout in layouts]
+            for index, done in enumerate(realigned):
+                if not done:
+                    logger.warning(f"image {index}: the dense captioner kept no object; returning the coarse image.")
 
-        if any(realigned) or output_type == "latent":  # latents of the coarse pass are not kept: regenerate
-            final = self(**{**stage, "layout": [layouts[i] if realigned[i] else None for i in range(num_images)],
-                            "output_type": output_type})
-        else:
-            final = coarse
+            if any(realigned) or output_type == "latent":  # latents of the coarse pass are not kept: regenerate
+                self._realign_stage = "fine"
+                fine_layouts = [layouts[i] if realigned[i] else None for i in range(num_images)]
+                final = self(**{**stage, "generator": replay.generator(), "layout": fine_layouts,
+                                "output_type": output_type})
+            else:
+                final = coarse
+        finally:
+            self._realign_stage = None
+
         if final is coarse:
             images = self._from_pt(coarse.images, output_type)
         elif output_type == "latent":
             images = final.images
         else:
             images = self._substitute_coarse(final.images, coarse.images, realigned, output_type)
+        nsfw = final.nsfw_content_detected
+        if nsfw is not None and final is not coarse and coarse.nsfw_content_detected is not None:
+            nsfw = [nsfw[i] if realigned[i] else coarse.nsfw_content_detected[i] for i in range(num_images)]
         resolved = [
-            final.layouts[i] if final.layouts is not None and realigned[i] else None for i in range(num_images)
+            final.layouts[i] if final.layouts is not None and realigned[i] else self._bound_empty(layouts[i], prompts[i])
+            for i in range(num_images)
         ]
-        result = RealignDiffPipelineOutput(
+        attention_maps = final.attention_maps
+        if not return_dict:
+            return (images, nsfw) + ((attention_maps,) if args["return_attention_maps"] else ())
+        return RealignDiffPipelineOutput(
             images=images,
-            nsfw_content_detected=final.nsfw_content_detected,
-            attention_maps=final.attention_maps,
+            nsfw_content_detected=nsfw,
+            attention_maps=attention_maps,
             layouts=resolved,
             coarse_images=coarse_pil,
             coarse_attention_maps=coarse.attention_maps,
             realigned=realigned,
         )
-        return result if return_dict else result.to_tuple()
+
+    def _bound_empty(self, layout: Layout | None, prompt: str) -> ResolvedLayout | None:
+        """A captioner's layout that kept no object, bound to its prompt, so its `source` (tags, the LLM's
+        answer, why grounding found nothing) reaches the output."""
+        if layout is None:
+            return None
+        return resolve_layout(layout, prompt, self.tokenizer)
 
     def _from_pt(self, images: torch.Tensor, output_type: str):
         """Images in [0, 1] (NCHW) as `output_type` ("pt", "np" or "pil")."""
@@ -484,14 +540,19 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 Return, per image, each prompt word's cross-attention map (see `RealignDiffPipelineOutput`).
             realign (`bool`, defaults to False):
                 The paper's fine stage: generate (coarse), caption each image with `dense_captioner`, generate
-                again from the same initial latents with the captioned layouts. An image given its own layout
-                keeps it and is not captioned. Needs a text prompt and a `dense_captioner`.
+                again from the same noise with the captioned layouts: the same initial latents and, with a
+                stochastic sampler, the same noise at every step, so a layout that modulates nothing gives back
+                the coarse image. An image given its own layout keeps it and is not captioned. Needs a text
+                prompt and a `dense_captioner`. `callback_on_step_end` fires in both passes, with step indices
+                from 0 in each; inside it, ``pipe.realign_stage`` reads ``"coarse"`` or ``"fine"``.
 
         Examples:
 
         Returns:
-            [`RealignDiffPipelineOutput`] or `tuple`: with ``return_dict=False``, ``(images, nsfw_content_detected)``
-            followed by the attention maps when ``return_attention_maps=True``.
+            [`RealignDiffPipelineOutput`] or `tuple`: with ``return_dict=False``, always
+            ``(images, nsfw_content_detected)`` (the flags None without a safety checker), followed by the
+            attention maps when ``return_attention_maps=True``. The ``realign=True`` extras (coarse images,
+            layouts, `realigned`) are only in the output class.
         """
         if realign:
             call_args = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "realign", "__class__")}
@@ -616,7 +677,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
         # 6.5 The processors' state, only when something needs them
         attention_state = None
-        if return_attention_maps or (resolved is not None and any(r is not None and len(r) for r in resolved)):
+        if return_attention_maps or layouts_modulate(resolved):
             attention_state = RealignAttentionState(
                 latent_height=latents.shape[-2],
                 latent_width=latents.shape[-1],
