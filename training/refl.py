@@ -5,7 +5,8 @@ functions a test can call on tiny models:
 
 - :func:`predict_x0` -- x0 straight from one UNet output (epsilon, v-prediction or sample);
 - :func:`refl_latents` -- the no-grad rollout to the drawn step index, then ONE UNet call with gradient at
-  the scheduler's timestep ``timesteps[i]`` (not the index ``i``, which ImageReward's public ReFL.py passes);
+  the scheduler's timestep ``timesteps[i]``, as ImageReward's public ReFL.py does since its July 2023 "fix typo
+  of ReFL" commit (its first release passed the index ``i``);
 - :func:`hinge_reward_loss` -- ``lambda * relu(margin - objective).mean()`` (the ``lambda * phi(R)`` of Eq. 5);
 - :func:`pretrain_loss` -- ``L_pre``, the ordinary denoising loss on real image-caption pairs;
 - :func:`refl_step_loss` -- Eq. 5: ``loss_refl + pretrain_loss_weight * L_pre``.
