@@ -126,6 +126,85 @@ def test_likelihood_objective_raises_prompt_log_likelihood(paths):
     assert (after > before + 0.1).all(), (before, after)
 
 
+def _caption_start(model, tok) -> list[int]:
+    return [model.config.image_token_index] * model.config.num_query_tokens + [tok.bos_token_id]
+
+
+def test_likelihood_scores_the_normalised_prompt_as_a_whole_caption(paths):
+    """The prompt is teacher-forced as the captioner writes captions -- lower case, no final period, single
+    spaces -- and followed by EOS, so the objective is exactly the captioner's own training loss on it."""
+    reward = CaptionReward(paths["cap"], paths["itm"])
+    model, tok = reward.captioner_model, reward.captioner_processor.tokenizer
+    eos = model.config.text_config.eos_token_id
+    assert reward.eos_token_id == eos == tok.eos_token_id and reward.caption_end_ids == [eos]
+    ids, mask = reward.caption_tokens(["A Red Circle.", "  a   red\tcircle ", "a red circle and a blue square"])
+    want = tok("a red circle", add_special_tokens=False).input_ids + [eos]
+    assert ids[0, : len(want)].tolist() == ids[1, : len(want)].tolist() == want
+    assert mask.sum(1).tolist() == [4, 4, 8] and ids[2, 7] == eos
+    with pytest.raises(ValueError, match="empty prompt"):
+        reward.caption_tokens([" . "])
+    # the same number from the model's own loss (labels: the caption and its EOS, as the captioner was trained)
+    x = _pixels(n=1)
+    row = _caption_start(model, tok) + want
+    input_ids = torch.tensor([row])
+    labels = input_ids.clone()
+    labels[:, : len(row) - len(want)] = -100
+    with torch.no_grad():
+        loss = model(pixel_values=reward.pixel_values(x), input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
+        ll = reward.prompt_log_likelihood(x, ["A Red Circle."])
+    torch.testing.assert_close(ll, -loss.view(1), atol=1e-5, rtol=1e-5)
+
+
+def test_likelihood_no_longer_rewards_a_caption_prefix(paths):
+    """A captioner trained to caption an image Y ("a red circle and a blue square") gives Y a higher likelihood
+    than its prefix "a red circle" and than Y + more words. (Scored without EOS, the prefix won: -0.010 against
+    -0.016 nats/token for Y.)"""
+    from transformers import Blip2ForConditionalGeneration
+
+    reward = CaptionReward(paths["cap"], paths["itm"])
+    tok = reward.captioner_processor.tokenizer
+    caption = "a red circle and a blue square"
+    x = _pixels(n=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Blip2ForConditionalGeneration.from_pretrained(paths["cap"]).train()
+        row = _caption_start(model, tok) + tok(caption, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        input_ids = torch.tensor([row])
+        labels = input_ids.clone()
+        labels[:, : model.config.num_query_tokens + 1] = -100
+        pv = reward.pixel_values(x)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(20):
+            loss = model(pixel_values=pv, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    trained = CaptionReward(paths["cap"], paths["itm"], captioner_model=model, captioner_processor=reward.captioner_processor)
+    assert trained.captions(x) == [caption]
+    with torch.no_grad():
+        whole, prefix, longer = trained.prompt_log_likelihood(x.repeat(3, 1, 1, 1), [caption, "a red circle", caption + " and a star"])
+    assert whole > -0.2, whole
+    assert whole > prefix + 0.5 and whole > longer + 0.5, (whole, prefix, longer)
+
+
+def test_end_of_caption_is_the_language_models_eos_not_the_tokenizers(paths):
+    """blip2-opt-2.7b ends captions with "\\n" (``text_config.eos_token_id`` 50118), its tokenizer's EOS is </s>:
+    the end appended to a scored prompt (and where sampled captions are cut) is the token ``generate`` stops at,
+    the language model's."""
+    from transformers import Blip2ForConditionalGeneration
+
+    reward = CaptionReward(paths["cap"], paths["itm"])
+    tok = reward.captioner_processor.tokenizer
+    model = Blip2ForConditionalGeneration.from_pretrained(paths["cap"])
+    end = tok.convert_tokens_to_ids("on")  # stands in for "\\n"
+    model.config.text_config.eos_token_id = end
+    model.language_model.generation_config.eos_token_id = end
+    r = CaptionReward(paths["cap"], paths["itm"], captioner_model=model, captioner_processor=reward.captioner_processor)
+    assert r.caption_end_ids == [end] and r.eos_token_id == end != tok.eos_token_id
+    ids, _ = r.caption_tokens(["A red circle."])
+    assert ids[0].tolist() == tok("a red circle", add_special_tokens=False).input_ids + [end]
+
+
 def test_score_function_objective_raises_exact_expected_eq4_reward(paths):
     """With one-token captions the expectation of Eq. 4 over the caption distribution is computable exactly
     (a sum over the vocabulary), so the test measures the true expected reward, not a noisy estimate."""

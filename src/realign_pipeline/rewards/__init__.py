@@ -8,7 +8,7 @@ from typing import Any
 
 from .base import Reward, blip2_preprocess_tensor, pixel_values_for
 from .blip import DEFAULT_BLIP_ITM_MODEL, BlipItmReward
-from .caption import DEFAULT_CAPTIONER, DEFAULT_TEXT_ENCODER, OBJECTIVES, CaptionReward
+from .caption import DEFAULT_CAPTIONER, DEFAULT_TEXT_ENCODER, OBJECTIVES, CaptionReward, normalize_caption
 from .clip import ClipReward
 from .imagereward import IMAGEREWARD_MISSING, ImageRewardAdapter
 
@@ -26,6 +26,7 @@ __all__ = [
     "Reward",
     "blip2_preprocess_tensor",
     "load_reward",
+    "normalize_caption",
     "pixel_values_for",
 ]
 

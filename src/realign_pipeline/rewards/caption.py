@@ -9,9 +9,12 @@ prompt, and the reward is the cosine similarity of the two embeddings:
 discrete, so R has no gradient with respect to the image. :meth:`CaptionReward.objective` offers two
 differentiable stand-ins (see ``docs/rewards.md``):
 
-- ``"likelihood"`` (default): the teacher-forced log-likelihood of the *prompt* as the image's caption
-  under the BLIP-2 captioner, mean over the prompt's tokens (CoMat's choice). Value: a mean log-probability
-  (<= 0).
+- ``"likelihood"`` (default): the teacher-forced log-likelihood of the *prompt* as the image's whole caption
+  under the BLIP-2 captioner (CoMat's choice), mean over its tokens. The prompt is written as the captioner
+  writes captions (:func:`normalize_caption`: lower case, no ``.`` etc., single spaces) and followed by the
+  token ``generate`` ends a caption with, so the likelihood includes ending there: an image whose caption
+  merely *starts* with the prompt does not score as one captioned by exactly the prompt. Value: a mean
+  log-probability (<= 0).
 - ``"score_function"``: the REINFORCE estimate of the gradient of the *expected* Eq. 4 reward over sampled
   captions. K captions per image are sampled without gradient (plain ancestral sampling: temperature 1, no
   top-k/top-p, so the samples come from the distribution whose log-likelihood is differentiated), each is
@@ -23,6 +26,7 @@ differentiable stand-ins (see ``docs/rewards.md``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +35,24 @@ import torch.nn.functional as F
 
 from .base import check_batch, pixel_values_for
 
-__all__ = ["DEFAULT_CAPTIONER", "DEFAULT_TEXT_ENCODER", "OBJECTIVES", "CaptionReward"]
+__all__ = ["DEFAULT_CAPTIONER", "DEFAULT_TEXT_ENCODER", "OBJECTIVES", "CaptionReward", "normalize_caption"]
 
 DEFAULT_CAPTIONER = "Salesforce/blip2-opt-2.7b"
 DEFAULT_TEXT_ENCODER = "Salesforce/blip2-itm-vit-g"
 OBJECTIVES = ("likelihood", "score_function")
+
+# BLIP-2's captioners were trained on captions passed through LAVIS's ``BlipCaptionProcessor.pre_caption``,
+# which replaces these characters by spaces after lower-casing.
+_CAPTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+
+
+def normalize_caption(text: str) -> str:
+    """``text`` written the way BLIP-2 captions are: lower case, ``. ! " ( ) * # : ; ~`` removed, whitespace
+    collapsed to single spaces, stripped ("A Red Cube." -> "a red cube").
+
+    The captioner's training captions looked like this (LAVIS's ``pre_caption``; the shapes world's captions
+    are generated in this form), so the prompt is scored as a caption it could have written."""
+    return " ".join(_CAPTION_PUNCTUATION.sub(" ", str(text).lower()).split())
 
 
 class CaptionReward:
@@ -242,12 +259,48 @@ class CaptionReward:
         lp = pred.gather(-1, token_ids.to(pred.device).unsqueeze(-1)).squeeze(-1)
         return lp * token_mask.to(lp.dtype).to(lp.device)
 
-    def _tokenize_captions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> right-padded ids without BOS, and their mask."""
+    @property
+    def caption_end_ids(self) -> list[int]:
+        """The token ids at which ``generate`` ends a caption.
+
+        BLIP-2's ``generate`` hands over to its language model's ``generate``, so that model's generation
+        config decides, not the tokenizer's ``eos_token``: for ``Salesforce/blip2-opt-2.7b`` it is
+        ``text_config.eos_token_id`` 50118, ``"\\n"`` (LAVIS trained the OPT captioners with ``"\\n"`` ending
+        each caption), while the tokenizer's EOS is ``</s>``."""
+        model = self.captioner_model
+        config = getattr(getattr(model, "language_model", None), "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None:
+            eos = model.config.text_config.eos_token_id
+        if eos is None:
+            eos = self.captioner_processor.tokenizer.eos_token_id
+        ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        if not ids:
+            raise ValueError("the captioner defines no end-of-caption token (eos_token_id)")
+        return ids
+
+    @property
+    def eos_token_id(self) -> int:
+        """The end-of-caption token appended to a scored prompt: the language model's ``eos_token_id`` when
+        ``generate`` stops at it (as for blip2-opt-2.7b and the shapes world's captioner), else the first
+        stop token."""
+        ids = self.caption_end_ids
+        text_eos = self.captioner_model.config.text_config.eos_token_id
+        return int(text_eos) if text_eos in ids else ids[0]
+
+    def caption_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts as whole captions for teacher forcing: right-padded ids and their mask, ``(N, T)``.
+
+        Each text is normalised as the captioner writes captions (:func:`normalize_caption`), tokenised
+        without BOS (:meth:`sequence_log_likelihood` puts it first, as ``generate`` starts from it) and
+        followed by :attr:`eos_token_id`, so a likelihood over these tokens is that of the caption *ending*
+        there -- the captioner's training loss, which also counts the EOS -- not of a caption prefix."""
         tok = self.captioner_processor.tokenizer
-        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        if any(len(r) == 0 for r in rows):
+        captions = [normalize_caption(t) for t in texts]
+        if any(not c for c in captions):
             raise ValueError("empty prompt: nothing to score")
+        eos = self.eos_token_id
+        rows = [tok(c, add_special_tokens=False)["input_ids"] + [eos] for c in captions]
         T = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
@@ -255,10 +308,11 @@ class CaptionReward:
         return ids.to(self.device), mask.to(self.device)
 
     def prompt_log_likelihood(self, pixels: Any, prompts: Sequence[str], value_range=(-1.0, 1.0)) -> torch.Tensor:
-        """Mean per-token teacher-forced log-likelihood of each prompt as its image's caption, ``(N,)``."""
+        """Mean per-token teacher-forced log-likelihood of each prompt as its image's whole caption, ``(N,)``:
+        ``log p(normalised prompt, EOS | image) / (tokens + 1)`` (see :meth:`caption_tokens`)."""
         prompts = check_batch(pixels, prompts)
         pv = self.pixel_values(pixels, value_range)
-        ids, mask = self._tokenize_captions(prompts)
+        ids, mask = self.caption_tokens(prompts)
         lp = self.sequence_log_likelihood(pv, ids, mask)
         return lp.sum(1) / mask.sum(1).to(lp.dtype)
 
@@ -274,13 +328,11 @@ class CaptionReward:
             return self.generate_ids(pixel_values.detach(), **kwargs)
 
     def _sample_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """1 up to and including the first EOS of each sampled row, 0 after (generate pads there)."""
-        eos = self.captioner_model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        """1 up to and including the first end-of-caption token of each sampled row, 0 after (generate pads
+        there). The stop tokens are the ones ``generate`` used (:attr:`caption_end_ids`)."""
         is_eos = torch.zeros_like(ids, dtype=torch.bool)
-        for e in eos:
-            if e is not None:
-                is_eos |= ids == e
+        for e in self.caption_end_ids:
+            is_eos |= ids == e
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
         return (~after).long()
 
