@@ -187,3 +187,14 @@ def test_figure7_maps_one_row_per_word():
     assert two.width == one.width and two.height > one.height + 32
     with pytest.raises(ValueError):
         figure7_maps(before, after, [], (48, 32))
+
+
+def test_generate_keeps_the_captioners_record_when_it_keeps_nothing(tmp_path):
+    """No shape of the world is a dog: the image is the coarse one, and layout.json says why."""
+    assert main(["generate", "a dog", "--model", "shapes", "--steps", "2", "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "000-a-dog"
+    layout = Layout.from_json(folder / "layout.json")
+    assert len(layout) == 0
+    assert layout.source["ungrounded_phrases"] == ["dog"] and "dog" in layout.source["tags"]
+    assert not (folder / "panel.png").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["prompts"][0]["realigned"] is False

@@ -786,9 +786,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         written = [_save(image.save, folder / "image.png")]
         if coarse_image is not None:
             written.append(_save(coarse_image.save, folder / "coarse.png"))
-        if resolved is not None and len(resolved):
+        if resolved is not None:
+            # written when empty too: its source says why the captioner kept nothing
             layout = Layout(resolved.regions, source=resolved.source)
             written.append(_save(layout.to_json, folder / "layout.json"))
+        if resolved is not None and len(resolved):
             if coarse_image is not None:
                 written.append(_save(figure6_panel(coarse_image, resolved.regions, image).save, folder / "panel.png"))
             if before is not None:
