@@ -3,6 +3,9 @@
     python training/shapes/measure.py --models src/realign_pipeline/assets/shapes --out docs/shapes_numbers.json \
         --samples docs/images/shapes_samples.png
 
+``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
+and leaves the other numbers in ``--out`` as they are.
+
 Perception: the checker's and the segmenter's accuracy on rendered scenes (32 and 64 px) and on renders
 passed through the trained VAE and back. Generation (plain pipeline, no re-alignment): how often the checker
 finds the prompted colored shapes, for single objects, for two-object prompts with training pairings and
@@ -82,8 +85,9 @@ def text_binding(reward, prompts: list[str]) -> dict:
 
 def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
     """How often each BLIP-2 score prefers a two-object render's true caption to its colour swap (0.5: blind
-    to binding): the captioner's teacher-forced likelihood (the caption reward's ``likelihood`` objective),
-    the matcher's ITC similarity and its ITM match probability (the BLIP-ITM reward)."""
+    to binding): the captioner's teacher-forced likelihood (the caption reward's ``likelihood`` objective;
+    also its mean for the true and the swapped captions, nats per token), the matcher's ITC similarity and
+    its ITM match probability (the BLIP-ITM reward)."""
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
     scenes = [s for s in (sample_scene(random.Random(i), num_objects=2) for i in range(num_scenes * 2))
@@ -92,8 +96,10 @@ def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
     pixels = images_to_tensor(np.stack([np.asarray(render_scene(s)) for s in scenes]))
     out = {"n": len(scenes)}
     with torch.no_grad():
-        out["captioner_likelihood"] = float((reward.prompt_log_likelihood(pixels, true)
-                                             > reward.prompt_log_likelihood(pixels, swaps)).float().mean())
+        ll_true, ll_swap = reward.prompt_log_likelihood(pixels, true), reward.prompt_log_likelihood(pixels, swaps)
+        out["captioner_likelihood"] = float((ll_true > ll_swap).float().mean())
+        out["captioner_likelihood_mean_true"] = float(ll_true.mean())
+        out["captioner_likelihood_mean_swap"] = float(ll_swap.mean())
         itm, processor = Blip2ForImageTextRetrieval.from_pretrained(itm_path).eval(), Blip2Processor.from_pretrained(itm_path)
         pixel_values = processor(images=[render_scene(s) for s in scenes], return_tensors="pt").pixel_values
         for head, name in ((False, "matcher_itc"), (True, "matcher_itm")):
@@ -114,10 +120,23 @@ def main() -> None:
     parser.add_argument("--samples", default=None, help="PNG grid of samples (rows: prompts, columns: seeds)")
     parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--only_colour_swaps", action="store_true",
+                        help="re-measure only sees_colour_swaps (seconds) and keep the rest of --out as it is")
     args = parser.parse_args()
     torch.set_num_threads(1)
     models = Path(args.models)
     start = time.time()
+    if args.only_colour_swaps:
+        from realign_pipeline.rewards import CaptionReward
+
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        reward = CaptionReward(captioner=str(models / "blip2-captioner"), text_encoder=str(models / "blip2-itm"))
+        result["sees_colour_swaps"] = swap_preferences(reward, models / "blip2-itm")
+        result["sees_colour_swaps"]["wall_s"] = round(time.time() - start, 1)  # the top-level wall_s is the full run's
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["sees_colour_swaps"], indent=2))
+        return
     pipe = RealignDiffPipeline.from_pretrained(models / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     result: dict = {"perception": {}, "generation": {}}
