@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,27 @@ def test_resume_after_kill_regenerates_only_missing(config, pipe, tmp_path, monk
         generate_images(config.replace(steps=3), records, tmp_path, pipeline=pipe, progress=False)
     with pytest.raises(ValueError, match="another prompt set"):
         generate_images(config, records, tmp_path, seed=0, pipeline=pipe, progress=False)
+
+
+def test_resume_after_a_cut_manifest_line_then_score(config, pipe, tmp_path):
+    """Killed while appending a manifest line: resuming makes that image again, then the folder scores."""
+    from realign_pipeline.evaluation.score import score_folder
+
+    records = load_prompts("cc500", limit=2)
+    generate_images(config, records, tmp_path, pipeline=pipe, progress=False)
+    manifest = tmp_path / "manifest.rank0.jsonl"
+    whole = manifest.read_text().splitlines()
+    manifest.write_text(whole[0] + "\n" + whole[1][: len(whole[1]) // 2])  # the second line cut mid-way
+    with pytest.warns(UserWarning, match="cut short"):
+        assert [row["index"] for row in read_manifest(tmp_path)] == [0]
+    result = generate_images(config, records, tmp_path, pipeline=pipe, progress=False)
+    assert result["generated"] == 1 and result["skipped"] == 1
+    lines = manifest.read_text().splitlines()
+    assert lines[0] == whole[0] and [json.loads(line)["index"] for line in lines] == [0, 1]  # no cut line left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to warn about
+        scored = score_folder(tmp_path, ["timings"], progress=False)
+    assert scored["num_images"] == 2 and scored["metrics"]["timings"]["n"] == 2
 
 
 def test_geneval_and_t2icompbench_layouts(config, pipe, tmp_path):

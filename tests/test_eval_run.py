@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,27 @@ def test_rerun_skips_generation_and_scoring(first_run, setup, capsys):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
     text = capsys.readouterr().out
     assert "generated 0 image(s), skipped 12 already written" in text
+
+
+def test_run_resumes_a_cut_manifest_line_then_scores(first_run, setup, tmp_path):
+    """A run killed while appending a manifest line: the rerun makes that image again, scores and combines."""
+    from realign_pipeline.evaluation.run import run_evaluation
+
+    out, _ = first_run
+    root, _ = setup
+    seed_folder = tmp_path / "out" / "tiny-a" / "seed42"
+    shutil.copytree(out / "tiny-a" / "seed42", seed_folder)  # the first run's folder stays as it is
+    manifest = seed_folder / "manifest.rank0.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    with pytest.warns(UserWarning, match="cut short") as caught:
+        result = run_evaluation([root / "tiny-a.json"], root / "prompts.txt", tmp_path / "out", ["timings"],
+                                seeds=[42], device="cpu", progress=False)
+    assert sum("cut short" in str(w.message) for w in caught) == 1  # when the run checks what is written
+    assert result["generated"] == 1 and result["skipped"] == 2
+    assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == [0, 1, 2]
+    assert json.loads((seed_folder / "metrics.json").read_text())["metrics"]["timings"]["n"] == 3
+    assert json.loads((tmp_path / "out" / "tiny-a" / "metrics.json").read_text())["num_images"] == 3
 
 
 def _error(argv, capsys) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+import warnings
 from importlib import resources
 from typing import ClassVar
 
@@ -93,6 +94,28 @@ def test_read_results_merges_shards_sorted(tmp_path):
     assert config["name"] == "cfg" and config["guidance_scale"] == 7.5
     assert [e["index"] for e in entries] == [0, 1, 2, 3, 4]
     assert [e["prompt"] for e in entries] == PROMPTS
+
+
+def test_a_manifest_line_cut_by_a_kill_is_ignored_with_a_warning(tmp_path):
+    folder = make_folder(tmp_path, n=4, shards=1)
+    manifest = folder / "manifest.rank0.jsonl"
+    lines = sorted(manifest.read_text().splitlines(), key=lambda line: json.loads(line)["index"])
+    manifest.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # the last line cut, no newline
+    with pytest.warns(UserWarning, match=r"ignoring 1 manifest line\(s\) cut short .*line\(s\) 4\b"):
+        result = score_folder(folder, ["timings"], progress=False)
+    assert result["num_images"] == 3 and result["metrics"]["timings"]["n"] == 3
+    # a cut line that an older resume ended with a newline, in the middle; undecodable bytes count as cut
+    manifest.write_bytes(b"\n".join([lines[0].encode(), lines[3][:40].encode(), b"\xff\xfe\x00", *map(str.encode, lines[1:3])]))
+    with pytest.warns(UserWarning, match="ignoring 2 manifest line"):
+        assert [e["index"] for e in read_results(folder)[1]] == [0, 1, 2]
+    # a whole last line without its newline is whole (a cut never leaves valid JSON)
+    manifest.write_text("\n".join(lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [e["index"] for e in read_results(folder)[1]] == [0, 1, 2, 3]
+    manifest.write_text(json.dumps({"index": 0, "file": "images/00000.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"rank0\.jsonl:1: a manifest line needs .*missing \['prompt'\]"):
+        read_results(folder)
 
 
 def test_errors(tmp_path, clip_path):

@@ -18,7 +18,9 @@ size, the device or the number of processes.
 
 Resume: an image whose file exists *and* has a manifest line is skipped. Images are written to a temporary
 file and renamed, and the manifest line is appended after the rename, so a killed run loses at most the images
-in flight.
+in flight. A manifest line cut short by the kill counts as missing: its image is made again, and the process
+removes the cut line from its own manifest before appending (the rule of :mod:`.manifest`, which the scoring
+follows too).
 
 Sharding: process ``k`` of ``n`` takes the indices ``i`` with ``i % n == k`` and writes its own manifest
 (``manifest.rank{k}.jsonl``); :func:`read_manifest` merges them.
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .configs import EvalConfig, build_pipeline, check_checkpoint, load_config
+from .manifest import drop_cut_lines, read_manifest
 from .prompts import PromptRecord
 
 __all__ = [
@@ -48,7 +51,6 @@ __all__ = [
 ]
 
 BENCHMARK_LAYOUTS = ("geneval", "t2icompbench")
-MANIFEST_GLOB = "manifest.rank*.jsonl"
 _PARTIAL = ".partial"
 
 
@@ -102,30 +104,6 @@ def _save_image(image, path: Path, partial_dir: Path) -> None:
 
 def _copy_file(source: Path, path: Path, partial_dir: Path) -> None:
     _atomic_write(path, lambda tmp: tmp.write_bytes(source.read_bytes()), partial_dir)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill: its image is regenerated
-    return rows
-
-
-def read_manifest(folder: str | os.PathLike) -> list[dict]:
-    """Every image's manifest line of a generation folder, from all ``manifest.rank*.jsonl``, sorted by
-    ``(index, image)``; an image listed twice (regenerated after a kill) keeps its last line."""
-    folder = Path(folder)
-    files = sorted(folder.glob(MANIFEST_GLOB))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no {MANIFEST_GLOB}: not a generation folder (or nothing generated yet).")
-    rows: dict[tuple[int, int], dict] = {}
-    for path in files:
-        for row in _read_jsonl(path):
-            rows[(int(row["index"]), int(row.get("image", 0)))] = row
-    return [rows[key] for key in sorted(rows)]
 
 
 def _write_config(out_dir: Path, config: EvalConfig) -> None:
@@ -264,10 +242,12 @@ def generate_images(
     per_prompt = int(config.images_per_prompt)
 
     manifest_path = out / f"manifest.rank{process_index}.jsonl"
-    listed: dict[tuple[int, int], dict] = {}
-    for path in sorted(out.glob(MANIFEST_GLOB)):
-        for row in _read_jsonl(path):
-            listed[(int(row["index"]), int(row.get("image", 0)))] = row
+    drop_cut_lines(manifest_path)  # ours: their images are made again below; other ranks' stay theirs
+    try:
+        rows = read_manifest(out, warn=False)  # a cut line of another rank may be one it is writing right now
+    except FileNotFoundError:
+        rows = []
+    listed = {(int(row["index"]), int(row.get("image") or 0)): row for row in rows}
 
     def done(index: int, k: int) -> bool:
         row = listed.get((index, k))
@@ -310,12 +290,6 @@ def generate_images(
                 write_benchmark_copies(index, k, out / listed[(index, k)]["file"])
         else:
             pending.append(index)
-
-    if manifest_path.is_file() and manifest_path.stat().st_size:
-        with manifest_path.open("rb+") as handle:  # a line cut by a kill: end it, so the next line stays whole
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
 
     generated = 0
     start_all = time.perf_counter()

@@ -78,7 +78,7 @@ def _check_metrics(metrics: Sequence[str], model_paths: dict[str, Any], real_ima
 
 def _all_written(folder: Path, records: Sequence[PromptRecord], seed: int, per_prompt: int) -> bool:
     """Whether every image of `records` already has its file and manifest line in `folder` (nothing to load)."""
-    from .generate import read_manifest
+    from .manifest import read_manifest
 
     try:
         rows = read_manifest(folder)

@@ -9,7 +9,9 @@ A result folder (one configuration, written by the generation step)::
 Each manifest line has at least ``index``, ``prompt``, ``file`` (relative to the folder) and usually
 ``prompt_set``, ``record`` (the :class:`~realign_pipeline.evaluation.prompts.PromptRecord` fields), ``seed``,
 ``config``, ``settings``, ``timings`` and ``realigned``. :func:`read_results` reads them (every
-``manifest*.jsonl``, merged and sorted by index, then file) without depending on the generation code.
+``manifest*.jsonl``, merged and sorted by index) with :func:`~.manifest.read_manifest`, the reader the
+generation step resumes with: a line cut short by a killed run is ignored with a warning, as its image is made
+again when the generation resumes.
 
 Confidence intervals: every per-image metric gets ``ci_low`` / ``ci_high``, a 95% percentile bootstrap of the
 mean (seeded, :func:`bootstrap_ci`). The resampled unit is the *prompt* (:func:`prompt_key`: the manifest
@@ -29,6 +31,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+
+from .manifest import read_manifest
 
 __all__ = [
     "METRIC_NAMES",
@@ -137,40 +141,21 @@ def prompt_key(entry: dict[str, Any]) -> str:
 def read_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(config, entries)`` of a result folder: ``config.json`` (``{}`` if absent; ``name`` defaults to the
     manifest's ``config`` or the folder's name) and the manifest lines of every ``manifest*.jsonl``, sorted
-    by ``(index, file)``. A folder without a manifest, a malformed line or an image listed twice is an error."""
+    by ``(index, image, file)`` (:func:`~.manifest.read_manifest`: a line cut short by a killed run is ignored
+    with a warning, an image listed twice keeps its last line). A folder without a manifest, with no whole
+    line, or with a line missing ``index``, ``prompt`` or ``file`` is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such result folder: {folder}")
-    files = sorted(folder.glob("manifest*.jsonl"))
-    if not files:
-        raise FileNotFoundError(
-            f"{folder} has no manifest*.jsonl: is it a result folder written by the generation step?"
-        )
-    entries: dict[str, dict[str, Any]] = {}
-    for path in files:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{n}: not a JSON line ({error})") from error
-            missing = [k for k in ("index", "prompt", "file") if k not in entry]
-            if not isinstance(entry, dict) or missing:
-                raise ValueError(f"{path}:{n}: a manifest line needs 'index', 'prompt' and 'file' (missing {missing})")
-            key = str(entry["file"])
-            if key in entries and entries[key] != entry:
-                raise ValueError(f"{path}:{n}: {key} is listed twice with different entries")
-            entries[key] = entry
+    entries = read_manifest(folder)
     if not entries:
         raise ValueError(f"the manifests of {folder} are empty")
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     if not config.get("name"):
-        names = {e.get("config") for e in entries.values() if e.get("config")}
+        names = {e.get("config") for e in entries if e.get("config")}
         config["name"] = names.pop() if len(names) == 1 else folder.name
-    ordered = sorted(entries.values(), key=lambda e: (int(e["index"]), str(e["file"])))
-    return config, ordered
+    return config, entries
 
 
 def _prompt_set(entries: list[dict[str, Any]]) -> str | None:
