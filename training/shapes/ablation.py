@@ -48,3 +48,40 @@ def pixel_changes(before: Sequence[Any], after: Sequence[Any]) -> list[float]:
     """Mean absolute pixel difference (0-255) of each image pair."""
     return [float(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean())
             for b, a in zip(before, after, strict=True)]
+
+
+def paired_rates(before: Sequence[float], after: Sequence[float], groups: Sequence[Any]) -> dict[str, Any]:
+    """What a change did to paired 0/1 values (the same prompt and seed before and after).
+
+    Means before and after; the difference ``after - before`` with its 95% CI; how many went 0 -> 1 (fixed)
+    and 1 -> 0 (broken); the **fix rate** (fixed among the images wrong before) and the **break rate** (broken
+    among those right before), each with its CI. Every CI is a bootstrap clustered by `groups` (e.g. the
+    pairing: prompts of one composition share its difficulty). Rates over no images are None.
+    """
+    from realign_pipeline.evaluation.score import bootstrap_ci
+
+    before = [float(b) for b in before]
+    after = [float(a) for a in after]
+    groups = list(groups)
+
+    def rate(values: list[float], labels: list[Any]) -> tuple[float | None, list[float] | None]:
+        if not values:
+            return None, None
+        low, high = bootstrap_ci(values, labels)
+        return round(float(np.mean(values)), 4), [round(low, 4), round(high, 4)]
+
+    diffs = [a - b for b, a in zip(before, after, strict=True)]
+    difference, difference_ci = rate(diffs, groups)
+    wrong = [i for i, b in enumerate(before) if b == 0]
+    right = [i for i, b in enumerate(before) if b == 1]
+    fix_rate, fix_ci = rate([after[i] for i in wrong], [groups[i] for i in wrong])
+    break_rate, break_ci = rate([1.0 - after[i] for i in right], [groups[i] for i in right])
+    fixed, broken = fixed_and_broken(before, after)
+    return {
+        "n": len(before),
+        "before": round(float(np.mean(before)), 4) if before else None,
+        "after": round(float(np.mean(after)), 4) if after else None,
+        "difference": difference, "difference_ci": difference_ci,
+        "fixed": fixed, "broken": broken, "base_wrong": len(wrong), "base_right": len(right),
+        "fix_rate": fix_rate, "fix_rate_ci": fix_ci, "break_rate": break_rate, "break_rate_ci": break_ci,
+    }

@@ -198,7 +198,7 @@ def detect(image: PIL.Image.Image | np.ndarray) -> list[dict[str, Any]]:
     return detections
 
 
-def _match(objects: list[dict[str, Any]], detected: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+def match_objects(objects: list[dict[str, Any]], detected: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """One detection per prompted object, none used twice: exact (colour, shape) first, then same shape."""
     used: set[int] = set()
     matched: list[dict[str, Any] | None] = [None] * len(objects)
@@ -231,7 +231,7 @@ def check_prompt(image: PIL.Image.Image | np.ndarray, objects: list[dict[str, An
     position = None
     sides = [o.get("side") for o in objects]
     if "left" in sides and "right" in sides:
-        matched = _match(objects, detected)
+        matched = match_objects(objects, detected)
         left, right = matched[sides.index("left")], matched[sides.index("right")]
         position = float(left is not None and right is not None and left["cx"] < right["cx"])
     return {
