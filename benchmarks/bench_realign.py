@@ -1,8 +1,8 @@
 """What `realign=True` costs next to one plain generation, as a ratio measured in one run on one machine.
 
 `realign=True` = coarse pass + dense captioner (CLIP tagger, rule-based LLM, Grounding DINO + SAM) + the
-layout-guided pass. The LLM is the rule-based one, so LLM latency is excluded, as the goal asks. The goal
-(issue 3): at most 2.3x one plain generation.
+layout-guided pass. The LLM is the rule-based one, so LLM latency is excluded, as the goal asks. The goal:
+at most 2.3x one plain generation.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_realign.py --json benchmarks/results/realign_tiny_cpu.json
 

@@ -115,7 +115,7 @@ def test_literature_rows(tmp_path):
     assert lit["t2icompbench"]["ours"] == {"sd15": {"color": 0.37, "non-spatial": 0.31}}
     assert lit["geneval"]["literature"] == {"SD v1.5": {"overall": 0.43}} and lit["geneval"]["ours"] == {"sd15": {"overall": None}}
     md = files["table_md"].read_text()
-    assert "## From the literature: T2I-CompBench (val)" in md and "| SD v1.5 | literature (issue 5) | 0.3750 | 0.3088 |" in md
+    assert "## From the literature: T2I-CompBench (val)" in md and "| SD v1.5 | literature | 0.3750 | 0.3088 |" in md
     assert "| sd15 | ours | 0.3700 | 0.3100 |" in md and "## From the literature: GenEval" in md
     assert LITERATURE["t2icompbench"]["rows"]["SD v1.5"] == {
         "color": 0.3750, "shape": 0.3724, "texture": 0.4159, "spatial": 0.1204, "non-spatial": 0.3088}

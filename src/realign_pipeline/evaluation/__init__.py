@@ -1,4 +1,5 @@
-"""Evaluation (issue 5). So far: the prompt sets and their loader (``evaluation.prompts``)."""
+"""Evaluation of the paper's tables: prompt sets (``prompts``), generation (``generate``), metrics (``metrics``,
+``score``), reports (``report``, ``human``) and the one-command run (``run``)."""
 
 from .prompts import PromptRecord, available_prompt_sets, load_prompts
 

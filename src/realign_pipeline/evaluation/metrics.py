@@ -1,4 +1,4 @@
-"""Image-text alignment metrics for the evaluation (issue 5, Metrics): CLIP score, NegCLIP score, BLIP-2 ITM
+"""Image-text alignment metrics for the evaluation: CLIP score, NegCLIP score, BLIP-2 ITM
 (with the ITC cosine as a second number) and the caption reward of Eq. 4.
 
 Every metric is a small accumulator built on the scoring code the rest of the package already uses (one CLIP

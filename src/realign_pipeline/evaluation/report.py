@@ -58,7 +58,7 @@ METRIC_LABELS = {
     "shapes_position": "Position",
 }
 
-#: Published numbers for comparison, as given in issue 5 (not measured here): benchmark -> model -> column.
+#: Published numbers for comparison, from the papers (not measured here): benchmark -> model -> column.
 #: T2I-CompBench scores colour/shape/texture with BLIP-VQA, spatial with UniDet, non-spatial with CLIPScore;
 #: GenEval's overall score comes from its own detector-based evaluator.
 LITERATURE: dict[str, dict[str, Any]] = {
@@ -235,7 +235,7 @@ def _markdown(results, columns, best, literature) -> str:
         lines.append("| model | source | " + " | ".join(sec["columns"]) + " |")
         lines.append("|---|---|" + "---:|" * len(sec["columns"]))
         for model, vals in sec["literature"].items():
-            lines.append(f"| {model} | literature (issue 5) | " + " | ".join(f"{vals[c]:.4f}" for c in sec["columns"]) + " |")
+            lines.append(f"| {model} | literature | " + " | ".join(f"{vals[c]:.4f}" for c in sec["columns"]) + " |")
         for config, vals in sec["ours"].items():
             cells = [_fmt("", vals.get(c)) if c in vals else "—" for c in sec["columns"]]
             lines.append(f"| {config} | ours | " + " | ".join(cells) + " |")

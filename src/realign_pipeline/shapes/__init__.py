@@ -1,4 +1,4 @@
-"""The shapes world (issue 7): procedural scenes, classical perception, a checker, and trained tiny models."""
+"""The shapes world: procedural scenes, classical perception, a checker, and trained tiny models."""
 
 from .pretrained import SHAPES_MODELS, load_shapes_pipeline, shapes_model_path
 from .world import (
