@@ -101,24 +101,57 @@ def test_tagger_and_grounder_follow_the_protocols() -> None:
     assert ShapesTagger().tag(images, ["", ""]) == [["circle", "square"], ["cross"]]
 
 
-def test_grounder_prefers_exact_then_shape_then_colour() -> None:
+def test_grounder_finds_the_noun_and_lets_the_colour_only_choose_among_its_shape() -> None:
     image = render_scene(SWAPPED, 32)  # blue circle (left), red square (right)
     circle, square = SWAPPED
-    exact, wrong_colour, colour_only, absent, blue = ShapesGrounder().ground(
-        image, ["blue circle", "red circle", "red triangle", "yellow triangle", "blue"]
-    )
-    assert _iou(exact.mask, circle, 32) > 0.85
-    # "red circle": no red circle, but the circle is where the noun is, so the colour can be re-bound there
-    assert _iou(wrong_colour.mask, circle, 32) > 0.85
-    assert wrong_colour.score < exact.score
-    # "red triangle": no triangle at all, so the red object
-    assert _iou(colour_only.mask, square, 32) > 0.85
-    assert colour_only.score < wrong_colour.score
-    assert absent is None
-    assert _iou(blue.mask, circle, 32) > 0.85
-    assert exact.mask.shape == (32, 32) and exact.mask.dtype == bool
-    x0, y0, x1, y1 = exact.box
+    grounder = ShapesGrounder()
+    blue_square, red_circle = grounder.ground(image, ["square", "circle"], ["blue square", "red circle"])
+    # each phrase goes where its noun is, in whatever colour: that is where the colour must be re-bound
+    assert _iou(blue_square.mask, square, 32) > 0.85 and _iou(red_circle.mask, circle, 32) > 0.85
+    (blue_circle,) = grounder.ground(image, ["circle"], ["blue circle"])
+    assert red_circle.score < blue_circle.score  # a wrong colour is less sure
+    assert blue_circle.mask.shape == (32, 32) and blue_circle.mask.dtype == bool
+    x0, y0, x1, y1 = blue_circle.box
     assert 0.0 <= x0 < x1 <= 0.5 and 0.0 <= y0 < y1 <= 1.0
+    # no triangle: the red square does not stand in for "red triangle"; a colour alone finds nothing
+    red_triangle, blue = grounder.ground(image, ["triangle", "blue"], ["red triangle", "blue"])
+    assert red_triangle is None and blue is None
+    assert grounder.last_report.missing == {
+        "red triangle": "no triangle in the image",
+        "blue": "'blue' names no shape of this world (circle, square, triangle, cross)",
+    }
+    (old_style,) = grounder.ground(image, ["red square"])  # a noun with its colour still finds the square
+    assert _iou(old_style.mask, square, 32) > 0.85
+
+
+def test_grounder_gives_one_object_to_one_phrase() -> None:
+    two_squares = _scene(("red", "square", 0.25, 0.4, 0.45), ("blue", "square", 0.72, 0.6, 0.4))
+    red, blue = two_squares
+    grounder = ShapesGrounder()
+    (found,) = grounder.ground(render_scene(two_squares, 32), ["square"], ["blue square"])
+    assert _iou(found.mask, blue, 32) > 0.85  # the colour breaks the tie between the two squares
+    phrases = ["blue square", "red square"]
+    blue_square, red_square = grounder.ground(render_scene(two_squares, 32), ["square"] * 2, phrases)
+    assert _iou(blue_square.mask, blue, 32) > 0.85 and _iou(red_square.mask, red, 32) > 0.85
+    # one red square: it goes to "red square"; "blue square" stays ungrounded rather than share it
+    blue_square, red_square = grounder.ground(render_scene(two_squares[:1], 32), ["square"] * 2, phrases)
+    assert blue_square is None and _iou(red_square.mask, red, 32) > 0.85
+    assert "went to other phrases" in grounder.last_report.missing["blue square"]
+
+
+def test_dense_captioner_leaves_an_absent_object_ungrounded() -> None:
+    """One blue circle: "blue square" must not land on it by its colour, so "red circle" is its only region."""
+    only_circle = _scene(("blue", "circle", 0.25, 0.4, 0.45))
+    layout = shapes_dense_captioner()([render_scene(only_circle, 32)], ["a blue square and a red circle"])[0]
+    assert [(r.phrase, r.tag) for r in layout.regions] == [("red circle", "circle")]
+    assert _iou(np.asarray(layout.regions[0].mask, dtype=bool), only_circle[0], 32) > 0.85
+    assert layout.source["ungrounded_phrases"] == ["blue square"]
+    assert layout.source["grounding"]["missing"] == {"blue square": "no square in the image"}
+    # drawn with the colours swapped, each phrase gets the object of its noun
+    swapped = shapes_dense_captioner()([render_scene(SWAPPED, 32)], ["a blue square and a red circle"])[0]
+    regions = {r.phrase: np.asarray(r.mask, dtype=bool) for r in swapped.regions}
+    assert _iou(regions["blue square"], SWAPPED[1], 32) > 0.85
+    assert _iou(regions["red circle"], SWAPPED[0], 32) > 0.85
 
 
 def test_cross_is_a_noun_for_the_rule_based_llm() -> None:

@@ -2,11 +2,14 @@
 
 Tagger: what is in the image -> tags.  LLM: for each tag, a likelihood score (Eq. 6: 2 certain, 0.5 may,
 0 unlikely) and the local phrase of the prompt that describes it (the paper's Table 4).  Grounder: a box and
-a mask for each phrase.  ``DenseCaptioner`` chains them into one ``Layout`` per image.
+a mask for each object, found by its noun (the tag) with the phrase attached.  ``DenseCaptioner`` chains them
+into one ``Layout`` per image.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,5 +61,60 @@ class LLM(Protocol):
 
 @runtime_checkable
 class Grounder(Protocol):
-    def ground(self, image: PIL.Image.Image, phrases: list[str]) -> list[Detection | None]:
-        """One detection (or None when nothing was found) per phrase."""
+    def ground(
+        self, image: PIL.Image.Image, nouns: list[str], phrases: list[str] | None = None
+    ) -> list[Detection | None]:
+        """One detection (or None when the object is not there) per noun.
+
+        ``nouns[i]`` names the object to find (the tag: "square"); ``phrases[i]``, when given, is the prompt's
+        local phrase for it ("blue square"). The object is found by the noun only: querying a detector with
+        "blue square" finds the blue object, which is the binding error the fine stage exists to undo. The
+        phrase's other words (:func:`phrase_attributes`) may only choose between objects of the same noun, and
+        one object goes to at most one phrase; a noun with no object of its own stays None.
+        """
+
+
+# Words of a phrase that describe neither the object nor its attributes.
+_FUNCTION_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "some"})
+
+
+def phrase_attributes(noun: str, phrase: str | None) -> list[str]:
+    """The words of ``phrase`` that qualify ``noun``: lower-cased, without articles or the noun's own words.
+
+    ``phrase_attributes("square", "a blue square") == ["blue"]``; a plural form of the noun ("cats" for
+    "cat") counts as the noun. Grounders use these words only to choose between objects of the same noun.
+    """
+    if not phrase:
+        return []
+    noun_words = set(_words(noun))
+    forms = noun_words | {w + "s" for w in noun_words} | {w + "es" for w in noun_words}
+    out: list[str] = []
+    for word in _words(phrase):
+        if word not in forms and word not in _FUNCTION_WORDS and word not in out:
+            out.append(word)
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", text.lower())
+
+
+def assign_one_to_one(keys: Sequence[Sequence[tuple[float, float]]]) -> list[int | None]:
+    """Give each phrase of one noun at most one object, and each object to at most one phrase.
+
+    ``keys[p][o]`` is ``(attribute score, detection score)`` of object ``o`` for phrase ``p``: the object whose
+    attribute words score higher wins, the detection score breaks what is left of the tie. Pairs are taken
+    greedily from the best key down (earlier phrases and objects first on equal keys). Returns the object
+    index per phrase, None for a phrase left without one.
+    """
+    pairs = sorted(
+        ((p, o) for p, row in enumerate(keys) for o in range(len(row))),
+        key=lambda pair: (-keys[pair[0]][pair[1]][0], -keys[pair[0]][pair[1]][1], pair[0], pair[1]),
+    )
+    chosen: list[int | None] = [None] * len(keys)
+    taken: set[int] = set()
+    for p, o in pairs:
+        if chosen[p] is None and o not in taken:
+            chosen[p] = o
+            taken.add(o)
+    return chosen

@@ -1,12 +1,14 @@
 """`DenseCaptioner`: the paper's local dense caption generation (Sec. 3.2.2), from an image to a `Layout`.
 
 tagger (what is in the image) -> LLM (Eq. 6 score and local phrase per tag) -> grounder (box and mask per
-phrase) -> one :class:`~realign_pipeline.layout.Layout` per image, every region carrying its provenance.
+object, found by its tag, with the phrase attached) -> one :class:`~realign_pipeline.layout.Layout` per image,
+every region carrying its provenance.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 from typing import Any
@@ -44,16 +46,44 @@ def _part_from_config(data: dict[str, Any], role: str) -> Any:
     return cls.from_config(data.get("config", {}))
 
 
+def _names_the_head(judgement: ObjectJudgement) -> bool:
+    """Whether the tag is the phrase's last word(s), its noun ("square" in "blue square", not "blue")."""
+    return f" {judgement.phrase.lower()}".endswith(f" {judgement.tag.lower()}")
+
+
 def _best_per_phrase(objects: list[ObjectJudgement]) -> list[ObjectJudgement]:
-    """Objects with a phrase and a positive score, one per phrase (the highest score wins)."""
+    """Objects with a phrase and a positive score, one per phrase (the highest score wins).
+
+    On equal scores a tag that is the phrase's noun wins over one that is not: a tagger can name a colour
+    ("blue"), and grounding it would find the object by its attribute.
+    """
     best: dict[str, ObjectJudgement] = {}
     for judgement in objects:
         if not judgement.phrase or judgement.score <= 0:
             continue
         key = judgement.phrase.lower()
-        if key not in best or judgement.score > best[key].score:
+        if key not in best or (judgement.score, _names_the_head(judgement)) > (
+            best[key].score,
+            _names_the_head(best[key]),
+        ):
             best[key] = judgement
     return list(best.values())
+
+
+def _check_grounder(grounder: Any) -> None:
+    """Refuse a grounder written for the older ``ground(image, phrases)``: it would find objects by colour."""
+    name = type(grounder).__name__
+    try:
+        signature = inspect.signature(grounder.ground)
+    except (AttributeError, TypeError, ValueError):
+        raise TypeError(f"the grounder {name} has no ground(image, nouns, phrases=...) method.") from None
+    try:
+        signature.bind(None, [], phrases=[])
+    except TypeError:
+        raise TypeError(
+            f"{name}.ground must accept ground(image, nouns, phrases=None): the captioner passes each object's "
+            "tag as the noun to find and its phrase as a keyword (see realign_pipeline.captioner.base.Grounder)."
+        ) from None
 
 
 class DenseCaptioner:
@@ -65,13 +95,16 @@ class DenseCaptioner:
         llm: an :class:`~realign_pipeline.captioner.base.LLM` (``RuleBasedLLM``, ``OpenAIChat``,
             ``TransformersChat``): Eq. 6 scores and local phrases; default ``RuleBasedLLM()``.
         grounder: a :class:`~realign_pipeline.captioner.base.Grounder`; default ``GroundingDinoSamGrounder()``
-            (Grounding DINO tiny + SAM ViT-B). Models load lazily, on the first image.
+            (Grounding DINO tiny + SAM ViT-B). Models load lazily, on the first image. It is given each kept
+            object's tag as the noun to find and the LLM's phrase for it, which only picks between objects of
+            that noun.
 
         add_prompt_objects: add the prompt's own object words (found by the rule-based lexicon) to the tags,
             so an object the tagger missed can still be judged and grounded.
 
     Objects the LLM scores 0 are dropped (``s = 0`` would not modulate anyway); objects the grounder finds no
-    box for get no region, and both are recorded in the layout's ``source``.
+    box for get no region, and both are recorded in the layout's ``source`` (``dropped_tags``,
+    ``ungrounded_phrases``, and the grounder's reasons under ``grounding`` when it reports them).
     """
 
     def __init__(
@@ -93,6 +126,7 @@ class DenseCaptioner:
             from .grounding import GroundingDinoSamGrounder
 
             grounder = GroundingDinoSamGrounder()
+        _check_grounder(grounder)
         self.tagger = tagger
         self.llm = llm
         self.grounder = grounder
@@ -119,7 +153,15 @@ class DenseCaptioner:
                     tags.append(noun)
         judged = self.llm.judge(prompt, tags)
         kept = _best_per_phrase(judged.objects)
-        detections = self.grounder.ground(image, [judgement.phrase for judgement in kept]) if kept else []
+        # Find each object by its tag (the noun); its phrase, attributes and all, is attached to what is found.
+        detections = (
+            self.grounder.ground(image, [j.tag for j in kept], phrases=[j.phrase for j in kept]) if kept else []
+        )
+        if len(detections) != len(kept):
+            raise ValueError(
+                f"the grounder {type(self.grounder).__name__} returned {len(detections)} detections for "
+                f"{len(kept)} objects; it must return one (or None) per noun."
+            )
         regions, ungrounded = [], []
         for judgement, detection in zip(kept, detections):
             if detection is None or not detection.mask.any():

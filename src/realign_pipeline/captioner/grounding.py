@@ -1,9 +1,9 @@
-"""The grounder of the dense captioner: Grounding DINO boxes for phrases, SAM masks from the boxes.
+"""The grounder of the dense captioner: Grounding DINO boxes for nouns, SAM masks from the boxes.
 
 ``GroundingDinoSamGrounder`` uses transformers' native ``GroundingDinoForObjectDetection`` and ``SamModel``
 (neither needs torchvision for box prompts). ``SegmentAnythingAdapter`` swaps the mask step for the original
 ``segment_anything`` package when the user has it. ``box_nms`` is the small torch NMS that merges duplicate
-boxes of one phrase. See ``docs/captioner_grounding.md``.
+boxes of one noun. See ``docs/captioner_grounding.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .base import Detection
+from .base import Detection, assign_one_to_one, phrase_attributes
 
 __all__ = [
     "GroundingDinoSamGrounder",
@@ -26,6 +26,7 @@ __all__ = [
     "TransformersSam",
     "box_iou",
     "box_nms",
+    "grounding_targets",
     "normalize_phrase",
 ]
 
@@ -76,27 +77,41 @@ def normalize_phrase(phrase: str) -> str:
 
 @dataclass
 class GroundingReport:
-    """What happened to each phrase of one ``ground`` call (for the captioner's ``source``).
+    """What happened to each object of one ``ground`` call (for the captioner's ``source``).
 
-    ``missing`` maps each phrase that got ``None`` to the reason. ``instances`` counts the distinct boxes
-    per found phrase after NMS (the detection keeps the best, or their union with ``merge_instances``).
-    ``unmatched_labels`` lists the text labels of boxes that matched no phrase (dropped).
-    ``assigned_by_tokens`` counts boxes whose label was not exactly a phrase and that were assigned by token
-    probability. ``box_masks`` lists phrases whose SAM mask came back empty, so the box was used as the mask.
+    ``nouns`` and ``phrases`` are the call's (a phrase defaults to its noun). ``missing`` maps each phrase that
+    got ``None`` to the reason. ``instances`` counts the distinct boxes per noun (after NMS).
+    ``attribute_scores`` gives, per grounded phrase with attribute words, how well its box scored them (the
+    tie-break between boxes of one noun). ``boxes_above_threshold`` counts boxes kept for a noun;
+    ``boxes_without_noun`` counts boxes above ``box_threshold`` on other words only (an attribute, a
+    separator), dropped: an attribute never stands in for a missing noun. ``box_masks`` lists phrases whose
+    SAM mask came back empty, so the box was used as the mask.
     """
 
     phrases: list[str]
+    nouns: list[str] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)
     boxes_above_threshold: int = 0
+    boxes_without_noun: int = 0
     missing: dict[str, str] = field(default_factory=dict)
     instances: dict[str, int] = field(default_factory=dict)
-    unmatched_labels: list[str] = field(default_factory=list)
-    assigned_by_tokens: int = 0
+    attribute_scores: dict[str, float] = field(default_factory=dict)
     box_masks: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def grounding_targets(nouns: list[str], phrases: list[str | None] | None) -> list[tuple[str, str]]:
+    """``(noun, phrase)`` per object; a missing phrase is the noun itself."""
+    nouns = list(nouns)
+    if phrases is None:
+        return [(noun, noun) for noun in nouns]
+    phrases = list(phrases)
+    if len(phrases) != len(nouns):
+        raise ValueError(f"{len(nouns)} nouns but {len(phrases)} phrases; give one phrase per noun (or none).")
+    return [(noun, noun if phrase is None else phrase) for noun, phrase in zip(nouns, phrases)]
 
 
 # ----------------------------------------------------------------------------------------------- segmenters
@@ -274,21 +289,30 @@ def _segmenter_from_config(config: dict[str, Any] | str, device, dtype) -> Segme
 
 
 class GroundingDinoSamGrounder:
-    """A box and a mask per phrase: Grounding DINO boxes, SAM masks (the paper's grounding step).
+    """A box and a mask per object, found by its noun: Grounding DINO boxes, SAM masks (the paper's grounding).
+
+    The detector is queried with the nouns ("square. circle.") and never with the phrases: "blue square" would
+    find the blue object, the very binding error the fine stage undoes. The phrases' attribute words ("blue")
+    ride along as queries of their own, read only to choose between boxes of the same noun.
 
     Args:
         detector: hub id or local folder of a ``GroundingDinoForObjectDetection`` with its processor.
         segmenter: hub id or folder of a ``SamModel`` with its ``SamProcessor``, or a segmenter object
             (``TransformersSam``, ``SegmentAnythingAdapter``).
-        box_threshold: keep a box when its best token probability is above this (Grounding DINO's default).
-        text_threshold: a token belongs to a box's text label when its probability is above this.
-        nms_iou: boxes of the same phrase overlapping more than this are duplicates (merged by NMS).
-        merge_instances: when False (default) a phrase's detection is its best box; when True it is the union
-            of the phrase's boxes after NMS (their masks or-ed), for plural phrases such as "two cats".
+        box_threshold: a box is a noun's when that noun's best token probability is above this (Grounding
+            DINO's default), and higher than the box scores any other noun.
+        text_threshold: the noun's best token must also be above this (Grounding DINO's label rule; it only
+            matters when set above ``box_threshold``).
+        nms_iou: boxes of the same noun overlapping more than this are duplicates (merged by NMS).
+        object_iou: boxes of different nouns overlapping more than this are one object, kept for the noun
+            that scores it highest (1.0 turns this off).
+        merge_instances: when False (default) an object's detection is one box; when True and a noun has one
+            phrase, it is the union of the noun's boxes after NMS (their masks or-ed), for plural phrases such
+            as "two cats".
         device, dtype: where and how the models run (default: CUDA when available, float32). Models load
             lazily on the first call.
 
-    ``ground`` returns one ``Detection`` (or ``None``) per phrase and leaves a :class:`GroundingReport` in
+    ``ground`` returns one ``Detection`` (or ``None``) per noun and leaves a :class:`GroundingReport` in
     ``last_report``; ``ground_with_report`` returns both.
     """
 
@@ -299,6 +323,7 @@ class GroundingDinoSamGrounder:
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         nms_iou: float = 0.5,
+        object_iou: float = 0.7,
         merge_instances: bool = False,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -307,6 +332,7 @@ class GroundingDinoSamGrounder:
         self.box_threshold = float(box_threshold)
         self.text_threshold = float(text_threshold)
         self.nms_iou = float(nms_iou)
+        self.object_iou = float(object_iou)
         self.merge_instances = bool(merge_instances)
         self.device = _resolve_device(device)
         self._dtype_arg = dtype
@@ -353,6 +379,7 @@ class GroundingDinoSamGrounder:
             "box_threshold": self.box_threshold,
             "text_threshold": self.text_threshold,
             "nms_iou": self.nms_iou,
+            "object_iou": self.object_iou,
             "merge_instances": self.merge_instances,
             "dtype": None if self._dtype_arg is None else _dtype_name(self.dtype),
         }
@@ -368,46 +395,76 @@ class GroundingDinoSamGrounder:
 
     # -- grounding
 
-    def ground(self, image: PIL.Image.Image, phrases: list[str]) -> list[Detection | None]:
-        """One ``Detection`` (box in fractions, bool mask at the image size) or ``None`` per phrase."""
-        return self.ground_with_report(image, phrases)[0]
+    def ground(
+        self, image: PIL.Image.Image, nouns: list[str], phrases: list[str] | None = None
+    ) -> list[Detection | None]:
+        """One ``Detection`` (box in fractions, bool mask at the image size) or ``None`` per noun.
+
+        ``phrases[i]`` is the prompt's phrase for ``nouns[i]``; its other words only choose between boxes of
+        that noun (see :class:`~realign_pipeline.captioner.base.Grounder`).
+        """
+        return self.ground_with_report(image, nouns, phrases)[0]
 
     def ground_with_report(
-        self, image: PIL.Image.Image, phrases: list[str]
+        self, image: PIL.Image.Image, nouns: list[str], phrases: list[str] | None = None
     ) -> tuple[list[Detection | None], GroundingReport]:
-        detections, reports = self._ground_many([image], [list(phrases)])
+        detections, reports = self._ground_many([image], [grounding_targets(nouns, phrases)])
         self.last_report = reports[0]
         return detections[0], reports[0]
 
     def ground_batch(
-        self, images: list[PIL.Image.Image], phrases_per_image: list[list[str]]
+        self,
+        images: list[PIL.Image.Image],
+        nouns_per_image: list[list[str]],
+        phrases_per_image: list[list[str]] | None = None,
     ) -> list[list[Detection | None]]:
         """``ground`` for several images: one batched Grounding DINO pass, SAM per image.
 
         Reports are left in ``last_reports`` (one per image).
         """
-        if len(images) != len(phrases_per_image):
+        if len(images) != len(nouns_per_image):
+            raise ValueError(f"{len(images)} images but {len(nouns_per_image)} noun lists")
+        if phrases_per_image is None:
+            phrases_per_image = [None] * len(images)
+        elif len(phrases_per_image) != len(images):
             raise ValueError(f"{len(images)} images but {len(phrases_per_image)} phrase lists")
-        detections, reports = self._ground_many(list(images), [list(p) for p in phrases_per_image])
+        targets = [grounding_targets(n, p) for n, p in zip(nouns_per_image, phrases_per_image)]
+        detections, reports = self._ground_many(list(images), targets)
         self.last_reports = reports
         self.last_report = reports[-1] if reports else None
         return detections
 
-    def _queries(self, unique: list[str], tokenizer, max_tokens: int) -> list[list[str]]:
-        """Pack phrases into "a. b. c." queries that fit the text encoder (``max_text_len`` tokens)."""
+    def _queries(
+        self, groups: dict[str, list[str]], tokenizer, max_tokens: int
+    ) -> list[tuple[list[str], list[str]]]:
+        """Pack nouns, each with its attribute words, into queries that fit the text encoder.
+
+        A noun's attributes share its query, so the same boxes carry both scores. Returns (nouns, words) per
+        query, ``words`` being the nouns then the attribute words that are not nouns, each once.
+        """
+
+        def cost(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + "."
+
         chunks: list[list[str]] = [[]]
         used = 2  # [CLS] and [SEP]
-        for phrase in unique:
-            n = len(tokenizer(phrase, add_special_tokens=False)["input_ids"]) + 1  # + "."
+        for noun, attributes in groups.items():
+            n = cost(noun) + sum(cost(word) for word in attributes)
             if chunks[-1] and used + n > max_tokens:
                 chunks.append([])
                 used = 2
-            chunks[-1].append(phrase)
+            chunks[-1].append(noun)
             used += n
-        return [c for c in chunks if c]
+        out = []
+        for chunk in chunks:
+            if chunk:
+                words = list(chunk)
+                words += [w for noun in chunk for w in groups[noun] if w not in words]
+                out.append((chunk, list(dict.fromkeys(words))))
+        return out
 
     @torch.no_grad()
-    def _ground_many(self, images, phrases_per_image):
+    def _ground_many(self, images, targets_per_image):
         model, processor = self.load()
         tokenizer = processor.tokenizer
         max_tokens = int(getattr(model.config, "max_text_len", 256))
@@ -415,161 +472,187 @@ class GroundingDinoSamGrounder:
             "box_threshold": self.box_threshold,
             "text_threshold": self.text_threshold,
             "nms_iou": self.nms_iou,
+            "object_iou": self.object_iou,
         }
         images = [image.convert("RGB") for image in images]
 
-        # one (image, query) pair per chunk of phrases
-        reports, uniques, pairs = [], [], []
-        for index, (image, phrases) in enumerate(zip(images, phrases_per_image)):
-            report = GroundingReport(phrases=list(phrases), thresholds=dict(thresholds))
-            unique = list(dict.fromkeys(n for n in map(normalize_phrase, phrases) if n))
-            for chunk in self._queries(unique, tokenizer, max_tokens):
-                query = ". ".join(chunk) + "."
+        # one (image, query) row per chunk of nouns
+        reports, rows = [], []
+        for index, (image, targets) in enumerate(zip(images, targets_per_image)):
+            report = GroundingReport(
+                phrases=[p for _, p in targets], nouns=[n for n, _ in targets], thresholds=dict(thresholds)
+            )
+            groups: dict[str, list[str]] = {}  # normalized noun -> the attribute words of its phrases
+            for noun, phrase in targets:
+                key = normalize_phrase(noun)
+                if key:
+                    words = groups.setdefault(key, [])
+                    words += [w for w in phrase_attributes(key, phrase) if w not in words]
+            for chunk, words in self._queries(groups, tokenizer, max_tokens):
+                query = ". ".join(words) + "."
                 report.queries.append(query)
-                pairs.append((index, chunk, query))
+                rows.append((index, chunk, words, query))
             reports.append(report)
-            uniques.append(unique)
 
-        # candidate boxes per image and normalized phrase: [(score, box in pixels)]
-        found: list[dict[str, list[tuple[float, list[float]]]]] = [{} for _ in images]
-        if pairs:
+        # candidate boxes per image and noun: [(noun score, box in pixels, {attribute word: probability})]
+        found: list[dict[str, list[tuple[float, list[float], dict[str, float]]]]] = [{} for _ in images]
+        if rows:
             inputs = processor(
-                images=[images[i] for i, _, _ in pairs],
-                text=[q for _, _, q in pairs],
+                images=[images[i] for i, _, _, _ in rows],
+                text=[q for _, _, _, q in rows],
                 padding=True,
                 truncation=True,
                 max_length=max_tokens,
                 return_tensors="pt",
             )
             outputs = model(**_to(dict(inputs), self.device, self.dtype))
-            outputs.logits = outputs.logits.float().cpu()
-            outputs.pred_boxes = outputs.pred_boxes.float().cpu()
-            input_ids = inputs["input_ids"]
-            sizes = [(images[i].height, images[i].width) for i, _, _ in pairs]
-            results = processor.post_process_grounded_object_detection(
-                outputs,
-                input_ids,
-                threshold=self.box_threshold,
-                text_threshold=self.text_threshold,
-                target_sizes=sizes,
-            )
-            probs = outputs.logits.sigmoid()  # (pairs, queries, max_text_len)
-            for row, ((index, chunk, query), result) in enumerate(zip(pairs, results)):
-                keep = torch.nonzero(probs[row].max(-1).values > self.box_threshold).flatten()
-                if len(keep) != len(result["scores"]):  # guard against a change in the processor's rule
-                    raise RuntimeError(
-                        "Grounding DINO post-processing kept a different set of boxes than expected"
-                    )
-                spans = self._token_spans(tokenizer, query, chunk, probs.shape[-1])
-                names = {self._label_form(tokenizer, p): p for p in chunk}
-                reports[index].boxes_above_threshold += len(keep)
-                for q, score, box, label in zip(
-                    keep, result["scores"], result["boxes"], result["text_labels"]
-                ):
-                    phrase = names.get(self._clean_label(label))
-                    if phrase is None:
-                        phrase = self._assign_by_tokens(probs[row, q], spans)
-                        if phrase is None:
-                            reports[index].unmatched_labels.append(label)
-                            continue
-                        reports[index].assigned_by_tokens += 1
-                    found[index].setdefault(phrase, []).append((float(score), box.tolist()))
+            probs = outputs.logits.float().cpu().sigmoid()  # (rows, queries, max_text_len)
+            centres = outputs.pred_boxes.float().cpu()  # (rows, queries, 4): cx, cy, w, h in fractions
+            for row, (index, chunk, words, query) in enumerate(rows):
+                spans = self._token_spans(tokenizer, query, words, probs.shape[-1])
+                # a word's probability for a box: its best token's (how Grounding DINO scores a box)
+                word_probs = {
+                    w: probs[row][:, t].max(-1).values if t else torch.zeros(probs.shape[1])
+                    for w, t in spans.items()
+                }
+                noun_probs = torch.stack([word_probs[n] for n in chunk], dim=-1)  # (queries, nouns)
+                best, which = noun_probs.max(-1)
+                kept = (best > self.box_threshold) & (best > self.text_threshold)
+                above = probs[row].max(-1).values > self.box_threshold
+                reports[index].boxes_above_threshold += int(kept.sum())
+                reports[index].boxes_without_noun += int((above & ~kept).sum())
+                width, height = images[index].size
+                cx, cy, w, h = centres[row].unbind(-1)
+                corners = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+                corners = corners * torch.tensor([width, height, width, height], dtype=corners.dtype)
+                for q in torch.nonzero(kept).flatten().tolist():
+                    attributes = {word: float(p[q]) for word, p in word_probs.items()}
+                    noun = chunk[int(which[q])]
+                    found[index].setdefault(noun, []).append((float(best[q]), corners[q].tolist(), attributes))
 
-        out = []
-        for image, phrases, unique, report, candidates in zip(
-            images, phrases_per_image, uniques, reports, found
-        ):
-            out.append(self._finish(image, phrases, candidates, report))
+        out = [
+            self._finish(image, targets, candidates, report)
+            for image, targets, candidates, report in zip(images, targets_per_image, found, reports)
+        ]
         return out, reports
 
     @staticmethod
-    def _clean_label(label: str) -> str:
-        return normalize_phrase(re.sub(r"\[(CLS|SEP|PAD)\]", " ", label))
-
-    @staticmethod
-    def _label_form(tokenizer, phrase: str) -> str:
-        """The phrase as the processor's labels spell it (decoded from its own tokens)."""
-        ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
-        return normalize_phrase(tokenizer.decode(ids))
-
-    @staticmethod
-    def _token_spans(tokenizer, query: str, chunk: list[str], width: int) -> dict[str, list[int]]:
-        """Token positions of each phrase of the query (from the tokenizer's character offsets)."""
+    def _token_spans(tokenizer, query: str, words: list[str], width: int) -> dict[str, list[int]]:
+        """Token positions of each word (or multi-word noun) of the query, from the tokenizer's offsets."""
         offsets = tokenizer(query, return_offsets_mapping=True, truncation=True, max_length=width)[
             "offset_mapping"
         ]
         spans, start = {}, 0
-        for phrase in chunk:
-            begin = query.index(phrase, start)
-            end = start = begin + len(phrase)
-            spans[phrase] = [t for t, (a, b) in enumerate(offsets) if begin <= a < b <= end]
+        for word in words:
+            begin = query.index(word, start)
+            end = start = begin + len(word)
+            spans[word] = [t for t, (a, b) in enumerate(offsets) if begin <= a < b <= end]
         return spans
 
-    def _assign_by_tokens(self, token_probs: torch.Tensor, spans: dict[str, list[int]]) -> str | None:
-        """For a label that is not exactly one phrase: the phrase whose tokens the box scores highest (mean),
-        among phrases with at least one token above ``text_threshold``; None when there is none."""
-        best, best_score = None, -1.0
-        for phrase, tokens in spans.items():
-            if not tokens:
-                continue
-            values = token_probs[tokens]
-            if (values > self.text_threshold).any() and float(values.mean()) > best_score:
-                best, best_score = phrase, float(values.mean())
-        return best
-
-    def _finish(self, image, phrases, candidates, report) -> list[Detection | None]:
-        width, height = image.size
-        chosen: dict[str, tuple[float, np.ndarray]] = {}  # phrase -> (score, boxes kept (K, 4) in pixels)
-        for phrase, items in candidates.items():
-            scores = torch.tensor([s for s, _ in items])
-            boxes = torch.tensor([b for _, b in items], dtype=torch.float)
+    def _boxes_per_noun(self, candidates, width: int, height: int, report: GroundingReport) -> dict[str, list]:
+        """NMS within each noun, then one noun per object: ``{noun: [(score, box, attributes)]}`` by score."""
+        pool = []  # (noun, score, box, attributes) of every box left by the per-noun NMS
+        for noun, items in candidates.items():
+            scores = torch.tensor([s for s, _, _ in items])
+            boxes = torch.tensor([b for _, b, _ in items], dtype=torch.float)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-            kept = box_nms(boxes, scores, self.nms_iou)
-            report.instances[phrase] = len(kept)
-            kept = kept if self.merge_instances else kept[:1]
-            chosen[phrase] = (float(scores[kept[0]]), self._proper(boxes[kept].numpy(), width, height))
+            for k in box_nms(boxes, scores, self.nms_iou).tolist():
+                pool.append((noun, items[k][0], boxes[k], items[k][2]))
+        per_noun: dict[str, list] = {noun: [] for noun in candidates}
+        if pool:
+            boxes = torch.stack([b for _, _, b, _ in pool])
+            kept = box_nms(boxes, torch.tensor([s for _, s, _, _ in pool]), self.object_iou)
+            for k in kept.tolist():
+                noun, score, box, attributes = pool[k]
+                per_noun[noun].append((score, self._proper(box[None].numpy(), width, height)[0], attributes))
+        for noun, items in per_noun.items():
+            report.instances[noun] = len(items)
+        return per_noun
 
-        # SAM once per image for every kept box
-        flat = [(phrase, box) for phrase, (_, boxes) in chosen.items() for box in boxes]
+    def _finish(self, image, targets, candidates, report) -> list[Detection | None]:
+        width, height = image.size
+        per_noun = self._boxes_per_noun(candidates, width, height, report)
+
+        # which boxes each object gets: one-to-one between the phrases of a noun and its boxes
+        chosen: dict[int, list[int]] = {}  # target index -> indices into per_noun[noun]
+        by_noun: dict[str, list[int]] = {}
+        for t, (noun, _) in enumerate(targets):
+            by_noun.setdefault(normalize_phrase(noun), []).append(t)
+        for noun, members in by_noun.items():
+            items = per_noun.get(noun, [])
+            if not noun or not items:
+                continue
+            if self.merge_instances and len(members) == 1:
+                chosen[members[0]] = list(range(len(items)))
+                continue
+            keys = [
+                [(self._attribute_score(noun, targets[t][1], attributes), score) for score, _, attributes in items]
+                for t in members
+            ]
+            for t, k in zip(members, assign_one_to_one(keys)):
+                if k is not None:
+                    chosen[t] = [k]
+
+        # SAM once per image for every chosen box
+        flat = [(t, per_noun[normalize_phrase(targets[t][0])][k][1]) for t, ks in chosen.items() for k in ks]
         masks = self.segmenter.segment(image, np.array([b for _, b in flat])) if flat else []
-        per_phrase: dict[str, list[np.ndarray]] = {}
-        for (phrase, box), mask in zip(flat, masks):
+        per_target: dict[int, list[np.ndarray]] = {}
+        for (t, box), mask in zip(flat, masks):
             mask = np.asarray(mask, dtype=bool)
             if not mask.any():  # an empty SAM mask would give the object no region: fall back to its box
                 mask = self._box_mask(box, width, height)
-                if phrase not in report.box_masks:
-                    report.box_masks.append(phrase)
-            per_phrase.setdefault(phrase, []).append(mask)
+                if targets[t][1] not in report.box_masks:
+                    report.box_masks.append(targets[t][1])
+            per_target.setdefault(t, []).append(mask)
 
         detections: list[Detection | None] = []
-        for original in phrases:
-            phrase = normalize_phrase(original)
-            if not phrase:
+        for t, (noun, phrase) in enumerate(targets):
+            key = normalize_phrase(noun)
+            if t not in chosen:
                 detections.append(None)
-                report.missing[original] = "empty phrase"
+                report.missing[phrase] = self._why_missing(key, candidates, per_noun, report)
                 continue
-            if phrase not in chosen:
-                detections.append(None)
-                report.missing[original] = self._why_missing(report)
-                continue
-            score, boxes = chosen[phrase]
+            items = [per_noun[key][k] for k in chosen[t]]
+            boxes = np.stack([box for _, box, _ in items])
             box = (
                 boxes[:, 0].min() / width,
                 boxes[:, 1].min() / height,
                 boxes[:, 2].max() / width,
                 boxes[:, 3].max() / height,
             )
-            mask = np.logical_or.reduce(per_phrase[phrase])
-            detections.append(Detection(box=tuple(float(v) for v in box), mask=mask, score=score))
+            if phrase_attributes(key, phrase):
+                report.attribute_scores[phrase] = max(self._attribute_score(key, phrase, a) for _, _, a in items)
+            mask = np.logical_or.reduce(per_target[t])
+            score = max(s for s, _, _ in items)
+            detections.append(Detection(box=tuple(float(v) for v in box), mask=mask, score=float(score)))
         return detections
 
-    def _why_missing(self, report: GroundingReport) -> str:
-        if report.boxes_above_threshold == 0:
+    @staticmethod
+    def _attribute_score(noun: str, phrase: str, attributes: dict[str, float]) -> float:
+        """Mean probability the box gives the phrase's attribute words (0 for a phrase without any)."""
+        words = phrase_attributes(noun, phrase)
+        return float(np.mean([attributes.get(w, 0.0) for w in words])) if words else 0.0
+
+    def _why_missing(self, noun: str, candidates, per_noun, report: GroundingReport) -> str:
+        if not noun:
+            return "empty noun"
+        if noun in candidates and not per_noun.get(noun):
+            return (
+                f"its box(es) overlap a box that scores higher as another noun (IoU above "
+                f"object_iou={self.object_iou}): one object, one noun"
+            )
+        if per_noun.get(noun):
+            return (
+                f"the {len(per_noun[noun])} box(es) of {noun!r} went to other phrases of that noun, whose "
+                "attribute words scored higher"
+            )
+        if report.boxes_above_threshold == 0 and report.boxes_without_noun == 0:
             return f"no box scored above box_threshold={self.box_threshold}"
         return (
-            f"{report.boxes_above_threshold} box(es) above box_threshold={self.box_threshold}, none labelled "
-            f"with this phrase (text_threshold={self.text_threshold})"
+            f"no box of {noun!r} above box_threshold={self.box_threshold} (boxes of other nouns: "
+            f"{report.boxes_above_threshold}; boxes above it on other words only, such as an attribute: "
+            f"{report.boxes_without_noun})"
         )
 
     @staticmethod

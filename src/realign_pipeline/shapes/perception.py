@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from ..captioner.base import Detection
+from ..captioner.base import Detection, assign_one_to_one, phrase_attributes
 from ..captioner.dense import DenseCaptioner
+from ..captioner.grounding import GroundingReport, grounding_targets
 from .world import (
     BACKGROUND,
     COLORS,
@@ -319,35 +320,85 @@ class ShapesTagger(_SegmenterSettings):
         return tags
 
 
-# Detection score factor per match kind: a wrong-colour object is where the noun is, but less sure.
-_MATCH_WEIGHT = {"exact": 1.0, "shape": 0.5, "color": 0.25}
+# Detection score factor: an object of the noun's shape in another colour is where the noun is, but less sure.
+_WRONG_COLOUR_WEIGHT = 0.5
 
 
 class ShapesGrounder(_SegmenterSettings):
-    """Grounder protocol: for "red circle", the red circle; else any circle; else anything red; else None.
+    """Grounder protocol: each noun's object is a segmented object of that shape, never one of another shape.
 
-    The shape fallback matters for the fine stage: a circle drawn in the wrong colour is where the noun is,
-    so that is where the colour must be re-bound.
+    The phrase's colour only chooses between objects of the noun's shape, and one object goes to one phrase:
+    with a red and a blue square, "blue square" gets the blue one. With one red square, "blue square" gets it
+    (the square is where the noun is, so that is where the colour must be re-bound), unless "red square" is
+    asked for too, which matches it better and leaves "blue square" with nothing. A noun with no object of its
+    shape stays None, whatever colours are in the image. ``last_report`` says why each missing one is missing.
     """
 
-    def ground(self, image: PIL.Image.Image, phrases: list[str]) -> list[Detection | None]:
+    last_report: GroundingReport | None = None
+
+    def ground(
+        self, image: PIL.Image.Image, nouns: list[str], phrases: list[str] | None = None
+    ) -> list[Detection | None]:
+        return self.ground_with_report(image, nouns, phrases)[0]
+
+    def ground_with_report(
+        self, image: PIL.Image.Image, nouns: list[str], phrases: list[str] | None = None
+    ) -> tuple[list[Detection | None], GroundingReport]:
+        targets = grounding_targets(nouns, phrases)
+        report = GroundingReport(
+            phrases=[p for _, p in targets], nouns=[n for n, _ in targets], thresholds=self.to_config()
+        )
         found = self.segment(image)
+        by_shape: dict[str, list[int]] = {}  # shape -> indices of the targets that name it
+        for t, (noun, _) in enumerate(targets):
+            shape = _parse_phrase(noun)[1]
+            if shape is not None:
+                by_shape.setdefault(shape, []).append(t)
+        chosen: dict[int, Found] = {}
+        for shape, members in by_shape.items():
+            objects = [f for f in found if f.shape == shape]
+            report.instances[shape] = len(objects)
+            colours = [_phrase_colour(*targets[t]) for t in members]
+            keys = [[(float(f.color == colour), f.score) for f in objects] for colour in colours]
+            for t, k in zip(members, assign_one_to_one(keys)):
+                if k is not None:
+                    chosen[t] = objects[k]
         detections: list[Detection | None] = []
-        for phrase in phrases:
-            color, shape = _parse_phrase(phrase)
-            candidates = [
-                ("exact", [f for f in found if f.color == color and f.shape == shape]),
-                ("shape", [f for f in found if shape is not None and f.shape == shape]),
-                ("color", [f for f in found if color is not None and f.color == color]),
-            ]
-            detection = None
-            for kind, matches in candidates:
-                if matches:
-                    item = max(matches, key=lambda f: f.score)
-                    detection = Detection(item.box, item.mask.copy(), item.score * _MATCH_WEIGHT[kind])
-                    break
-            detections.append(detection)
-        return detections
+        for t, (noun, phrase) in enumerate(targets):
+            item = chosen.get(t)
+            if item is None:
+                detections.append(None)
+                report.missing[phrase] = self._why_missing(noun, report)
+                continue
+            colour = _phrase_colour(noun, phrase)
+            weight = 1.0 if colour is None or item.color == colour else _WRONG_COLOUR_WEIGHT
+            detections.append(Detection(item.box, item.mask.copy(), item.score * weight))
+        self.last_report = report
+        return detections, report
+
+    @staticmethod
+    def _why_missing(noun: str, report: GroundingReport) -> str:
+        shape = _parse_phrase(noun)[1]
+        if shape is None:
+            return f"{noun!r} names no shape of this world ({', '.join(SHAPES)})"
+        if report.instances.get(shape, 0) == 0:
+            return f"no {shape} in the image"
+        return (
+            f"the {report.instances[shape]} {shape}(s) of the image went to other phrases of that noun, whose "
+            "colour matched better"
+        )
+
+
+def _phrase_colour(noun: str, phrase: str) -> str | None:
+    """The colour the phrase gives the noun ("blue" in "a blue square"), None when it names none."""
+    for word in phrase_attributes(noun, phrase) or _words_of(noun):
+        if word in COLORS:
+            return word
+    return None
+
+
+def _words_of(text: str) -> list[str]:
+    return text.lower().replace(",", " ").split()
 
 
 def shapes_dense_captioner(**kwargs: Any) -> DenseCaptioner:
