@@ -4,7 +4,10 @@
         --samples docs/images/shapes_samples.png
 
 ``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
-and leaves the other numbers in ``--out`` as they are.
+and leaves the other numbers in ``--out`` as they are; ``--only_text_encoder`` likewise re-measures only what
+the pipeline's text encoder sees of binding (``text_encoder_binding``). ``--judges`` names the folder of the
+CLIP and BLIP-2 models that judge the images (default: ``--models``); the second world (``shapes-bow``) ships
+only its pipeline and is judged by the first world's models.
 
 Perception: the checker's and the segmenter's accuracy on rendered scenes (32 and 64 px) and on renders
 passed through the trained VAE and back. Generation (plain pipeline, no re-alignment): how often the checker
@@ -83,6 +86,35 @@ def text_binding(reward, prompts: list[str]) -> dict:
             "cos_prompt_vs_other_prompt": round(float(cos_other.mean()), 4)}
 
 
+def text_encoder_binding(text_encoder, tokenizer, prompts: list[str]) -> dict:
+    """What the diffusion model's text encoder sees of binding: cosines between each held-out prompt and its
+    colour swap (and, for scale, a prompt of another pairing), in the pooled embedding (the end token's state)
+    and in the per-token states the UNet reads,
+    at the two shape words (a bag-of-words encoder gives "circle" the same state whatever colour precedes it:
+    cosine 1) and averaged over all positions up to the end token."""
+    swaps = [colour_swap(p) for p in prompts]
+    enc = tokenizer(prompts + swaps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        out = text_encoder(enc.input_ids)
+    n = len(prompts)
+    states = torch.nn.functional.normalize(out.last_hidden_state, dim=-1)
+    pooled = torch.nn.functional.normalize(out.pooler_output, dim=-1)
+    per_position = (states[:n] * states[n:]).sum(-1)  # (n, positions)
+    shape_ids = {tokenizer.convert_tokens_to_ids(f"{shape}</w>") for shape in SHAPES}
+    ids = enc.input_ids[:n]
+    at_shapes = [per_position[i, [j for j, t in enumerate(ids[i].tolist()) if t in shape_ids]].mean() for i in range(n)]
+    eos = tokenizer.eos_token_id
+    lengths = [ids[i].tolist().index(eos) + 1 for i in range(n)]
+    whole = [per_position[i, :lengths[i]].mean() for i in range(n)]
+    other = (pooled[:n] * pooled[:n].roll(n // 2, 0)).sum(-1)  # held-out prompts come grouped by pairing
+    return {"n": n,
+            "pooled_cos_prompt_vs_colour_swap": round(float((pooled[:n] * pooled[n:]).sum(-1).mean()), 4),
+            "pooled_cos_prompt_vs_another_pairing": round(float(other.mean()), 4),
+            "token_cos_at_shape_words": round(float(torch.stack(at_shapes).mean()), 4),
+            "token_cos_all_positions": round(float(torch.stack(whole).mean()), 4)}
+
+
 def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
     """How often each BLIP-2 score prefers a two-object render's true caption to its colour swap (0.5: blind
     to binding): the captioner's teacher-forced likelihood (the caption reward's ``likelihood`` objective;
@@ -122,17 +154,34 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--only_colour_swaps", action="store_true",
                         help="re-measure only sees_colour_swaps (seconds) and keep the rest of --out as it is")
+    parser.add_argument("--only_text_encoder", action="store_true",
+                        help="re-measure only text_encoder_binding (seconds) and keep the rest of --out as it is")
+    parser.add_argument("--judges", default=None,
+                        help="folder with the judging clip/, blip2-captioner/, blip2-itm/ (default: --models)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     models = Path(args.models)
+    judges = Path(args.judges) if args.judges else models
     start = time.time()
+    held_out = [r["prompt"] for r in held_out_prompts()]
+    if args.only_text_encoder:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["text_encoder_binding"] = text_encoder_binding(
+            CLIPTextModel.from_pretrained(models / "pipeline" / "text_encoder").eval(),
+            CLIPTokenizer.from_pretrained(models / "pipeline" / "tokenizer"), held_out)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["text_encoder_binding"], indent=2))
+        return
     if args.only_colour_swaps:
         from realign_pipeline.rewards import CaptionReward
 
         out = Path(args.out)
         result = json.loads(out.read_text()) if out.exists() else {}
-        reward = CaptionReward(captioner=str(models / "blip2-captioner"), text_encoder=str(models / "blip2-itm"))
-        result["sees_colour_swaps"] = swap_preferences(reward, models / "blip2-itm")
+        reward = CaptionReward(captioner=str(judges / "blip2-captioner"), text_encoder=str(judges / "blip2-itm"))
+        result["sees_colour_swaps"] = swap_preferences(reward, judges / "blip2-itm")
         result["sees_colour_swaps"]["wall_s"] = round(time.time() - start, 1)  # the top-level wall_s is the full run's
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["sees_colour_swaps"], indent=2))
@@ -148,7 +197,6 @@ def main() -> None:
         }
     seeds = list(range(args.seeds))
     singles = [f"a {c} {s}" for c in COLORS for s in SHAPES]
-    held_out = [r["prompt"] for r in held_out_prompts()]
     rng = random.Random(7)
     held_in = [sample_scene(rng, split="train", num_objects=2).caption for _ in range(len(held_out))]
     result["generation"] = {
@@ -157,10 +205,11 @@ def main() -> None:
         "two_objects_held_out_pairings": generation_scores(pipe, held_out, seeds[:2]),
         "chance": {"single_shape": 1 / len(SHAPES), "single_colored_shape": 1 / (len(SHAPES) * len(COLORS))},
     }
+    result["text_encoder_binding"] = text_encoder_binding(pipe.text_encoder.eval(), pipe.tokenizer, held_out)
 
     from transformers import CLIPModel, CLIPProcessor
 
-    clip, processor = CLIPModel.from_pretrained(models / "clip").eval(), CLIPProcessor.from_pretrained(models / "clip")
+    clip, processor = CLIPModel.from_pretrained(judges / "clip").eval(), CLIPProcessor.from_pretrained(judges / "clip")
     scenes = [sample_scene(random.Random(i), num_objects=2) for i in range(400)]
     swapped = [colour_swap(scene.caption) for scene in scenes]
     wins = 0
@@ -175,17 +224,17 @@ def main() -> None:
         wins += int((logits[torch.arange(n), torch.arange(n)] > logits[torch.arange(n), n + torch.arange(n)]).sum())
     result["clip_true_caption_beats_color_swap"] = wins / len(scenes)
 
-    if (models / "blip2-captioner").exists():
+    if (judges / "blip2-captioner").exists():
         from realign_pipeline.rewards import CaptionReward
 
-        reward = CaptionReward(captioner=str(models / "blip2-captioner"), text_encoder=str(models / "blip2-itm"))
+        reward = CaptionReward(captioner=str(judges / "blip2-captioner"), text_encoder=str(judges / "blip2-itm"))
         singles_scenes = [sample_scene(random.Random(i), num_objects=1) for i in range(200)]
         captions = reward.captions([render_scene(s) for s in singles_scenes])
         result["blip2_caption_names_the_object"] = float(np.mean(
             [s.objects[0].phrase in c for s, c in zip(singles_scenes, captions)]))
         result["blip2_caption_examples"] = [[s.caption, c] for s, c in list(zip(singles_scenes, captions))[:5]]
         result["caption_reward_text_binding"] = text_binding(reward, held_out)
-        result["sees_colour_swaps"] = swap_preferences(reward, models / "blip2-itm")
+        result["sees_colour_swaps"] = swap_preferences(reward, judges / "blip2-itm")
 
     if args.samples:
         prompts = singles[::3] + held_out[::24]
