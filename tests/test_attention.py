@@ -303,3 +303,45 @@ def test_column_update_equals_the_full_update():
     torch.testing.assert_close(in_place, full)
     assert not torch.equal(full, scores)
 
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_self_attention_modulation_in_query_blocks_equals_the_pure_math(monkeypatch, cfg):
+    from realign_pipeline import attention
+
+    # 4 x 6 latents, 2 heads: blocks of 7 queries (7, 7, 7, 3), so no block holds all 24 rows
+    images = 1 if cfg else 2
+    monkeypatch.setattr(attention, "SELF_ATTENTION_CHUNK_ELEMENTS", images * 2 * 24 * 7)
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    hidden = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(9))
+    layout = Layout([Region("cat", box=[0, 0, 0.5, 1], score=2.0), Region("dog", box=[0.25, 0.5, 1, 1], score=0.5)])
+    resolved = resolve_layout(layout, "a cat and a dog", clip_tokenizer())
+    layouts = [resolved] if cfg else [None, resolved]
+    state = _state(layouts=layouts, cfg=cfg)
+    state.self_attention_strength, state.size_weight = 0.3, 0.7
+    state.set_step(0, 981, num_steps=50)
+    rows_built = []
+    original_weights = state.self_weights
+    state.self_weights = lambda q, device, rows=None: rows_built.append(range(q)[rows]) or original_weights(q, device, rows)
+    with torch.no_grad():
+        attn.set_processor(RealignAttnProcessor(state))
+        ours = attn(hidden)
+
+        # the reference: full (Q, Q) maps from the pure functions, Eq. 8 on the conditional images only
+        query = attn.to_q(hidden).view(2, 24, 2, 16).transpose(1, 2)
+        key = attn.to_k(hidden).view(2, 24, 2, 16).transpose(1, 2)
+        value = attn.to_v(hidden).view(2, 24, 2, 16).transpose(1, 2)
+        scores = query @ key.transpose(-1, -2) * attn.scale
+        gain = 0.3 * state.l_t
+        masks = resolved.masks_at(4, 6)
+        positive, negative = self_attention_modulation_weights(masks, resolved.scores(), resolved.areas(), 0.7)
+        modulated = scores.clone()
+        modulated[-1] = modulate_scores(scores[-1], positive, negative, gain)  # the last image has the layout
+        expected = (modulated.softmax(-1) @ value).transpose(1, 2).reshape(2, 24, 32)
+        expected = attn.to_out[0](expected)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, attn.to_out[0]((scores.softmax(-1) @ value).transpose(1, 2).reshape(2, 24, 32)))
+    assert [list(r) for r in rows_built] == [list(range(s, min(s + 7, 24))) for s in range(0, 24, 7)]
+    # only the (regions, queries) masks are kept between calls, never a (queries, queries) map
+    kept = [t for per_image in state._self_cache.values() for factors in per_image if factors for t in factors]
+    assert kept and all(t.numel() < 24 * 24 for t in kept)

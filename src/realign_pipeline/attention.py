@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import Attention
 
 from .layout import ResolvedLayout
+
+#: How many float32 scores (images x heads x queries x keys) the self-attention modulation computes at once:
+#: 2**23 = 32 MiB. At SD v1.5's 64x64 latents that is 256 of the 4096 queries of 8 heads per block, instead of
+#: the whole 512 MiB per image and of the several temporaries of that size Eq. 8 needs.
+SELF_ATTENTION_CHUNK_ELEMENTS = 2**23
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,14 +80,21 @@ def self_attention_modulation_weights(
     region_scores: torch.Tensor,
     areas: torch.Tensor,
     size_weight: float = 1.0,
+    queries: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DenseDiffusion's self-attention counterpart of Eq. 8: pixels of a region attend to their own region.
 
-    Returns ``(positive, negative)``, each (num_queries, num_queries):
+    Returns ``(positive, negative)``, each (num_queries, num_queries), or only the rows of `queries`:
     ``positive = sum_r s_r (1 - w a_r) m_r[q] m_r[k]``, ``negative = sum_r s_r (1 - w a_r) m_r[q] (1 - m_r[k])``.
     Queries outside every region are left alone.
+
+    Both maps have rank at most ``num_regions`` (``positive = W^T M`` and ``negative = rowsum(W) - positive``
+    with ``W = s (1 - w a) M``), so any block of rows is cheap to build from the (num_regions, num_queries) masks:
+    at 64x64 latents the full maps are 4096 x 4096, and the processor never builds more than a block of them.
     """
     weighted = masks * (region_scores * size_factor(areas, size_weight))[:, None]  # (N, Q)
+    if queries is not None:
+        weighted = weighted[:, queries]
     positive = weighted.T @ masks
     negative = weighted.sum(0)[:, None] - positive
     return positive, negative
@@ -216,18 +229,14 @@ class RealignAttentionState:
                 f"{self.latent_height}x{self.latent_width} latent; is the state built for this call's latents?"
             ) from None
 
-    def _per_image_weights(self, num_queries: int, self_attention: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack each image's positive and negative maps into (num_images, 1, Q, K or Q); zeros without a layout."""
+    def _per_image_cross_weights(self, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack each image's cross-attention maps into (num_images, 1, Q, K); zeros without a layout."""
         height, width = self.grid_size(num_queries)
-        num_keys = num_queries if self_attention else self.sequence_length
+        num_keys = self.sequence_length
         positives, negatives = [], []
         for layout in self.layouts:
             if layout is None or not len(layout):
                 pos = neg = torch.zeros(num_queries, num_keys)
-            elif self_attention:
-                pos, neg = self_attention_modulation_weights(
-                    layout.masks_at(height, width), layout.scores(), layout.areas(), self.size_weight
-                )
             else:
                 pos, neg = cross_attention_modulation_weights(
                     layout.token_map(num_keys), layout.masks_at(height, width), layout.scores(), layout.areas(),
@@ -247,18 +256,40 @@ class RealignAttentionState:
         """
         key = (num_queries, device)
         if key not in self._cross_cache:
-            pos, neg = self._per_image_weights(num_queries, self_attention=False)
+            pos, neg = self._per_image_cross_weights(num_queries)
             columns = torch.nonzero((pos + neg).sum(dim=(0, 1, 2))).flatten()
             self._cross_cache[key] = (pos[..., columns].to(device), neg[..., columns].to(device), columns.to(device))
         return self._cross_cache[key]
 
-    def self_weights(self, num_queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_images, 1, Q, Q) positive and negative maps for self-attention modulation."""
+    def self_weights(
+        self, num_queries: int, device: torch.device, queries: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_images, 1, rows, Q) positive and negative maps for self-attention modulation, for the rows of
+        `queries` (all of them by default).
+
+        Only each image's (num_regions, Q) masks, scores and areas are kept, once per resolution; the rows are
+        built on demand (:func:`self_attention_modulation_weights`), since the full (Q, Q) maps cost 2 x 64 MiB
+        per image at 64x64 latents and 2 x 324 MiB at 96x96.
+        """
         key = (num_queries, device)
         if key not in self._self_cache:
-            pos, neg = self._per_image_weights(num_queries, self_attention=True)
-            self._self_cache[key] = (pos.to(device), neg.to(device))
-        return self._self_cache[key]
+            height, width = self.grid_size(num_queries)
+            self._self_cache[key] = [
+                None
+                if layout is None or not len(layout)
+                else (layout.masks_at(height, width).to(device), layout.scores().to(device), layout.areas().to(device))
+                for layout in self.layouts
+            ]
+        num_rows = len(range(num_queries)[queries]) if queries is not None else num_queries
+        positives, negatives = [], []
+        for factors in self._self_cache[key]:
+            if factors is None:
+                pos = neg = torch.zeros(num_rows, num_queries, device=device)
+            else:
+                pos, neg = self_attention_modulation_weights(*factors, self.size_weight, queries=queries)
+            positives.append(pos)
+            negatives.append(neg)
+        return torch.stack(positives)[:, None], torch.stack(negatives)[:, None]
 
     def record(self, probs: torch.Tensor) -> None:
         """Add (num_images, heads, Q, K) cross-attention probabilities, averaged over heads, at latent size."""
@@ -286,22 +317,39 @@ class RealignAttnProcessor:
     residual connection, output rescaling, attention masks) and uses scaled-dot-product attention unless the
     current step modulates or records. Then only the conditional half of the classifier-free-guidance batch (the
     whole batch when guidance is off) goes through explicit float32 scores; the unconditional half stays on SDPA.
+    Self-attention scores are built a block of queries at a time (:data:`SELF_ATTENTION_CHUNK_ELEMENTS`), so the
+    (queries x queries) scores and Eq. 8 maps of a 64x64 latent are never held whole.
+
+    With an IP-Adapter (`ip_adapter`, the layer's ``IPAdapterAttnProcessor2_0``), Eq. 8 applies to the text keys
+    only and the image-prompt attention is added as that processor computes it; see
+    :class:`RealignIPAdapterAttnProcessor`.
     """
 
-    def __init__(self, state: RealignAttentionState):
+    def __init__(self, state: RealignAttentionState, ip_adapter: torch.nn.Module | None = None):
         self.state = state
+        self.ip_adapter = ip_adapter
 
     def __call__(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        ip_adapter_masks: torch.Tensor | list[torch.Tensor | None] | None = None,
         *args,
         **kwargs,
     ) -> torch.Tensor:
         state = self.state
+        ip_hidden_states = None
+        if isinstance(encoder_hidden_states, tuple):
+            # a UNet with an IP-Adapter passes (text states, [image-prompt states per adapter])
+            if self.ip_adapter is None:
+                raise ValueError(
+                    "RealignAttnProcessor got image-prompt states (an IP-Adapter's) on a layer without IP-Adapter "
+                    "weights; install the processors with realign_attention_processors after loading the adapter."
+                )
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states
         is_cross = encoder_hidden_states is not None
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -353,6 +401,10 @@ class RealignAttnProcessor:
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+        if ip_hidden_states is not None:
+            hidden_states = add_ip_adapter_attention(
+                hidden_states, query, ip_hidden_states, self.ip_adapter, attn.heads, ip_adapter_masks
+            )
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -389,35 +441,177 @@ class RealignAttnProcessor:
                     query[:split], key[:split], value[:split], attn_mask=uncond_mask, scale=attn.scale
                 )
             )
+        mask = None if attention_mask is None else attention_mask[split:]
+        if strength and not is_cross:
+            outputs.append(
+                self._modulated_self_attention(
+                    query[split:].float() * attn.scale, key[split:].float(), value[split:], mask, strength * state.l_t
+                )
+            )
+            return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         scores = torch.matmul(query[split:].float() * attn.scale, key[split:].float().transpose(-1, -2))
-        if strength and is_cross:
+        if strength:
             positive, negative, columns = state.cross_weights(scores.shape[-2], scores.device)
             scores = modulate_columns_(scores, positive, negative, strength * state.l_t, columns)
-        elif strength:
-            positive, negative = state.self_weights(scores.shape[-2], scores.device)
-            scores = modulate_scores(scores, positive, negative, strength * state.l_t)
-        if attention_mask is not None:
-            mask = attention_mask[split:]
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        if mask is not None:
+            scores = _apply_attention_mask(scores, mask)
         probs = scores.softmax(dim=-1)
         if record:
             state.record(probs)
         outputs.append(torch.matmul(probs.to(value.dtype), value[split:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
+    def _modulated_self_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        gain: float,
+    ) -> torch.Tensor:
+        """Eq. 8 on self-attention, one block of queries at a time.
+
+        `query` is already scaled and in float32. Each block's scores, its rows of the positive and negative maps
+        (built from the masks, see :meth:`RealignAttentionState.self_weights`), the modulation's temporaries and
+        the softmax live only while that block is computed: the row max and min of :func:`modulate_scores` are
+        per query, so blocks of queries are independent and the result is the unchunked one.
+        """
+        num_images, heads, num_queries, _ = query.shape
+        num_keys = key.shape[-2]
+        block = max(1, SELF_ATTENTION_CHUNK_ELEMENTS // (num_images * heads * num_keys))
+        key_t = key.transpose(-1, -2)
+        out = value.new_empty(num_images, heads, num_queries, value.shape[-1])
+        for start in range(0, num_queries, block):
+            rows = slice(start, min(start + block, num_queries))
+            scores = torch.matmul(query[:, :, rows], key_t)
+            positive, negative = self.state.self_weights(num_queries, scores.device, rows)
+            scores = modulate_scores(scores, positive, negative, gain)
+            del positive, negative
+            if mask is not None:
+                scores = _apply_attention_mask(scores, mask[..., rows, :] if mask.shape[-2] > 1 else mask)
+            out[:, :, rows] = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+        return out
+
+
+class RealignIPAdapterAttnProcessor(RealignAttnProcessor, torch.nn.Module):
+    r""":class:`RealignAttnProcessor` for a cross-attention layer that carries IP-Adapter weights.
+
+    Eq. 8 modulates the attention to the text keys only (the phrase tokens live there); the image-prompt attention
+    is added unchanged, as diffusers' ``IPAdapterAttnProcessor2_0`` computes it, with the adapter's own
+    ``to_k_ip``/``to_v_ip``, its scale (``set_ip_adapter_scale``) and its ``ip_adapter_masks``. The original
+    processor is kept as the submodule ``ip_adapter``, so while this processor is installed the adapter's weights
+    stay registered under the layer and follow ``unet.to(...)`` and offload hooks.
+    """
+
+    def __init__(self, state: RealignAttentionState, ip_adapter: torch.nn.Module):
+        torch.nn.Module.__init__(self)
+        RealignAttnProcessor.__init__(self, state, ip_adapter)
+
+
+def is_ip_adapter_processor(processor) -> bool:
+    """Whether a diffusers attention processor carries IP-Adapter weights (``to_k_ip``/``to_v_ip``)."""
+    return hasattr(processor, "to_k_ip") and hasattr(processor, "to_v_ip") and hasattr(processor, "scale")
+
+
+def add_ip_adapter_attention(
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    ip_hidden_states: list[torch.Tensor],
+    ip_adapter: torch.nn.Module,
+    heads: int,
+    ip_adapter_masks: torch.Tensor | list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Add the image-prompt attention of an IP-Adapter to the text attention output, as diffusers'
+    ``IPAdapterAttnProcessor2_0`` does: ``hidden_states + scale * SDPA(query, to_k_ip(ip), to_v_ip(ip))`` per
+    adapter, in order, skipping adapters whose scale is 0, with the optional per-image masks.
+
+    `hidden_states` is the text attention output (batch, queries, heads * head_dim), `query` the layer's
+    (batch, heads, queries, head_dim) query; `ip_adapter` holds ``to_k_ip``, ``to_v_ip`` and ``scale``.
+    """
+    batch_size = query.shape[0]
+    head_dim = query.shape[-1]
+    scales = ip_adapter.scale
+    if ip_adapter_masks is not None:
+        if not isinstance(ip_adapter_masks, list):
+            # diffusers also accepts one tensor of shape (num_adapters, 1, height, width)
+            ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))
+        if not len(ip_adapter_masks) == len(scales) == len(ip_hidden_states):
+            raise ValueError(
+                f"Length of ip_adapter_masks array ({len(ip_adapter_masks)}) must match length of self.scale array "
+                f"({len(scales)}) and number of ip_hidden_states ({len(ip_hidden_states)})"
+            )
+        for index, (mask, scale, ip_state) in enumerate(zip(ip_adapter_masks, scales, ip_hidden_states)):
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+                raise ValueError(
+                    "Each element of the ip_adapter_masks array should be a tensor with shape "
+                    "[1, num_images_for_ip_adapter, height, width]. Please use `IPAdapterMaskProcessor` to "
+                    "preprocess your mask"
+                )
+            if mask.shape[1] != ip_state.shape[1]:
+                raise ValueError(
+                    f"Number of masks ({mask.shape[1]}) does not match number of ip images ({ip_state.shape[1]}) "
+                    f"at index {index}"
+                )
+            if isinstance(scale, list) and len(scale) != mask.shape[1]:
+                raise ValueError(
+                    f"Number of masks ({mask.shape[1]}) does not match number of scales ({len(scale)}) at index {index}"
+                )
+    else:
+        ip_adapter_masks = [None] * len(scales)
+
+    def image_attention(states: torch.Tensor, to_k_ip: torch.nn.Module, to_v_ip: torch.nn.Module) -> torch.Tensor:
+        ip_key = to_k_ip(states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        ip_value = to_v_ip(states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        # no `scale=` and no attention mask: what IPAdapterAttnProcessor2_0 calls, so the branch is bitwise its own
+        out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+
+    for states, scale, to_k_ip, to_v_ip, mask in zip(
+        ip_hidden_states, scales, ip_adapter.to_k_ip, ip_adapter.to_v_ip, ip_adapter_masks
+    ):
+        if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
+            continue
+        if mask is None:
+            hidden_states = hidden_states + scale * image_attention(states, to_k_ip, to_v_ip)
+            continue
+        if not isinstance(scale, list):
+            scale = [scale] * mask.shape[1]
+        for i in range(mask.shape[1]):
+            branch = image_attention(states[:, i, :, :], to_k_ip, to_v_ip)
+            mask_downsample = IPAdapterMaskProcessor.downsample(
+                mask[:, i, :, :], batch_size, branch.shape[1], branch.shape[2]
+            ).to(dtype=query.dtype, device=query.device)
+            hidden_states = hidden_states + scale[i] * (branch * mask_downsample)
+    return hidden_states
+
+
+def _apply_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Boolean masks keep the ``True`` keys; float masks are added to the scores (SDPA's convention)."""
+    return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+
 
 @contextmanager
 def realign_attention_processors(unet, state: RealignAttentionState) -> Iterator[None]:
     """Install :class:`RealignAttnProcessor` on the UNet's cross-attention layers (and self-attention layers when
     self-attention modulation is on) for the duration of the block; restore the original processors afterwards,
-    also when the block raises."""
+    also when the block raises.
+
+    A cross-attention layer whose processor carries IP-Adapter weights gets its own
+    :class:`RealignIPAdapterAttnProcessor` wrapping that processor, so the image prompt keeps working.
+    """
     original = unet.attn_processors
     processor = RealignAttnProcessor(state)
     use_self = state.has_layout and state.self_attention_strength != 0
-    replaced = {
-        name: processor if (name.endswith("attn2.processor") or (use_self and name.endswith("attn1.processor"))) else proc
-        for name, proc in original.items()
-    }
+    replaced = {}
+    for name, proc in original.items():
+        if name.endswith("attn2.processor"):
+            replaced[name] = RealignIPAdapterAttnProcessor(state, proc) if is_ip_adapter_processor(proc) else processor
+        elif use_self and name.endswith("attn1.processor"):
+            replaced[name] = processor
+        else:
+            replaced[name] = proc
     unet.set_attn_processor(replaced)
     try:
         yield
