@@ -4,6 +4,10 @@ Tagger: what is in the image -> tags.  LLM: for each tag, a likelihood score (Eq
 0 unlikely) and the local phrase of the prompt that describes it (the paper's Table 4).  Grounder: a box and
 a mask for each object, found by its noun (the tag) with the phrase attached.  ``DenseCaptioner`` chains them
 into one ``Layout`` per image.
+
+Beyond the paper, an LLM may also find the spatial relations a prompt states (``relations``, see
+:class:`RelationFinder`), with which the captioner corrects a layout that violates them (after SLD,
+:mod:`realign_pipeline.captioner.relations`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import PIL.Image
+
+from .relations import Relation
 
 
 @dataclass
@@ -39,6 +45,20 @@ class LLMResult:
 
 
 @dataclass
+class RelationResult:
+    """What ``relations(prompt, phrases)`` returns: the relations the prompt states between two of the phrases.
+
+    `unresolved` lists relations the prompt states whose sides are not both phrases of the layout (e.g. the
+    second object was not grounded), each ``{"words", "subject", "object", "reason"}``, so a caller can say why
+    nothing was corrected. `source` is provenance as in :class:`LLMResult`.
+    """
+
+    relations: list[Relation]
+    source: dict[str, Any] = field(default_factory=dict)
+    unresolved: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class Detection:
     """One grounded object: a box in fractions of the image [x0, y0, x1, y1], a boolean mask (H, W), a score."""
 
@@ -57,6 +77,23 @@ class Tagger(Protocol):
 class LLM(Protocol):
     def judge(self, prompt: str, tags: list[str]) -> LLMResult:
         """Score each tag (Eq. 6) and find its local phrase in `prompt`."""
+
+
+@runtime_checkable
+class RelationFinder(Protocol):
+    """An optional second method of an LLM (beyond the paper): the spatial relations a prompt states.
+
+    ``RuleBasedLLM``, ``OpenAIChat`` and ``TransformersChat`` have it. The captioner's relation correction uses
+    it when the LLM has it and the rule-based parser (``RuleBasedLLM().relations``) when it does not, so an LLM
+    with ``judge`` only still works.
+    """
+
+    def relations(self, prompt: str, phrases: list[str]) -> RelationResult:
+        """The relations ("left of", "right of", "above", "below") that `prompt` states between two `phrases`.
+
+        `phrases` are the layout's phrases (words of the prompt, "red book"); each relation names its sides by
+        them. "on top of" is read as "above", "under" as "below".
+        """
 
 
 @runtime_checkable
