@@ -19,6 +19,11 @@ It is the default LLM when none is configured and the fallback of every model-ba
   prompt object (``HYPERNYMS``: ``animal`` for ``dog``; phrase = that object's phrase), or the tag is a part or
   a usual surrounding of a prompt object (``CONTEXT``: ``wheel`` or ``road`` for ``car``; no phrase, since the
   prompt does not describe it); ``0`` otherwise (no phrase).
+
+Beyond the paper, :meth:`RuleBasedLLM.relations` finds the spatial relations a prompt states
+(:func:`prompt_relations`): the relation words of ``RELATION_WORDS`` ("to the left of", "on top of",
+"under", ...), with the nearest object named before them as the subject and the nearest one after them as the
+object, each mapped to a phrase of the layout.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..layout import SCORE_CERTAIN, SCORE_MAY, SCORE_UNLIKELY
-from .base import LLMResult, ObjectJudgement
+from .base import LLMResult, ObjectJudgement, RelationResult
+from .relations import RELATIONS, Relation
 
 
 def _words(text: str) -> frozenset[str]:
@@ -376,6 +382,108 @@ _HYPERNYMS = _expand(HYPERNYMS)
 _CONTEXT = _expand(CONTEXT)
 
 
+# ------------------------------------------------------------------------------------------ relations
+#: How prompts state the relations the correction knows (:data:`~realign_pipeline.captioner.relations.RELATIONS`).
+#: Relations without an image axis ("next to", "in front of", "behind") are not listed: no box order tests them.
+RELATION_WORDS: dict[str, str] = {
+    "to the left of": "left of", "on the left of": "left of", "on the left side of": "left of",
+    "to the left side of": "left of", "left of": "left of",
+    "to the right of": "right of", "on the right of": "right of", "on the right side of": "right of",
+    "to the right side of": "right of", "right of": "right of",
+    "above": "above", "on top of": "above", "atop": "above",
+    "below": "below", "under": "below", "underneath": "below", "beneath": "below",
+}
+
+
+def relation_name(words: str) -> str | None:
+    """The relation that `words` state ("to the left of" -> "left of", "under" -> "below"), or None.
+
+    Accepts the relation names themselves, any case and spacing, and ``_`` for spaces ("left_of").
+    """
+    key = " ".join(words.replace("_", " ").lower().split())
+    if key in RELATIONS:
+        return key
+    return RELATION_WORDS.get(key)
+
+
+_RELATION_PATTERN = re.compile(
+    r"(?<![\w-])(?:"
+    + "|".join(r"\s+".join(map(re.escape, w.split())) for w in sorted(RELATION_WORDS, key=len, reverse=True))
+    + r")(?![\w-])",
+    re.IGNORECASE,
+)
+
+
+def _occurrences(prompt: str, phrase: str) -> list[tuple[int, int]]:
+    """Character spans of `phrase` in `prompt`: case-insensitive, whole words, any whitespace between words."""
+    words = phrase.split()
+    if not words:
+        return []
+    pattern = r"(?<![\w-])" + r"\s+".join(re.escape(w) for w in words) + r"(?![\w-])"
+    return [(m.start(), m.end()) for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
+
+
+@dataclass(frozen=True)
+class _Mention:
+    start: int
+    end: int
+    phrase: str
+    in_layout: bool
+
+
+def prompt_relations(prompt: str, phrases: list[str]) -> tuple[list[Relation], list[dict[str, Any]]]:
+    """The relations `prompt` states between two of `phrases`, and those it states about other objects.
+
+    Each relation word of ``RELATION_WORDS`` takes as its subject the nearest object named before it and as its
+    object the nearest one named after it. Objects are the `phrases` where they occur in the prompt, and the
+    prompt's other objects (:func:`prompt_objects_detailed`) where no phrase covers them, so that "a cat under a
+    table" with only "cat" in the layout is reported as unresolved (``{"words", "subject", "object",
+    "reason"}``) instead of binding "under" to an unrelated phrase. Repeated relations are kept once.
+    """
+    relation_spans = [(m.start(), m.end(), m.group()) for m in _RELATION_PATTERN.finditer(prompt)]
+
+    def free(start: int, end: int) -> bool:
+        return not any(start < r_end and r_start < end for r_start, r_end, _ in relation_spans)
+
+    mentions = [
+        _Mention(start, end, phrase, True)
+        for phrase in dict.fromkeys(p for p in phrases if p and p.strip())
+        for start, end in _occurrences(prompt, phrase)
+        if free(start, end)
+    ]
+    for obj in prompt_objects_detailed(prompt):
+        covered = any(obj.start < m.end and m.start < obj.end for m in mentions)
+        if not covered and free(obj.start, obj.end):
+            mentions.append(_Mention(obj.start, obj.end, obj.phrase, False))
+
+    relations: list[Relation] = []
+    unresolved: list[dict[str, Any]] = []
+    for r_start, r_end, written in relation_spans:
+        words = " ".join(written.split())
+        before = [m for m in mentions if m.end <= r_start]
+        after = [m for m in mentions if m.start >= r_end]
+        # Nearest first; on a tie a phrase of the layout, then the longer mention.
+        subject = max(before, key=lambda m: (m.end, m.in_layout, -m.start), default=None)
+        obj = min(after, key=lambda m: (m.start, not m.in_layout, -m.end), default=None)
+        entry = {"words": words, "subject": subject.phrase if subject else None,
+                 "object": obj.phrase if obj else None}
+        if subject is None or obj is None:
+            side = "before" if subject is None else "after"
+            unresolved.append(entry | {"reason": f"no object is named {side} {words!r}"})
+        elif not (subject.in_layout and obj.in_layout):
+            missing = [m.phrase for m in (subject, obj) if not m.in_layout]
+            unresolved.append(entry | {"reason": f"{' and '.join(map(repr, missing))} "
+                                                 f"{'is' if len(missing) == 1 else 'are'} not a phrase of the layout"})
+        elif subject.phrase.lower() == obj.phrase.lower():
+            unresolved.append(entry | {"reason": "both sides are the same phrase"})
+        else:
+            relation = Relation(subject.phrase, relation_name(words), obj.phrase, words)
+            if all((r.subject, r.relation, r.object) != (relation.subject, relation.relation, relation.object)
+                   for r in relations):
+                relations.append(relation)
+    return relations, unresolved
+
+
 class RuleBasedLLM:
     """Eq. 6 scores and local phrases from lexicon rules (see the module docstring); no model, no download.
 
@@ -394,6 +502,16 @@ class RuleBasedLLM:
             objects=self.judge_objects(prompt, tags),
             source={"backend": self.backend, "model": None, "fallback": False, "reason": None, "raw": None,
                     "attempts": 0},
+        )
+
+    def relations(self, prompt: str, phrases: list[str]) -> RelationResult:
+        """The relations `prompt` states between two of `phrases` (:func:`prompt_relations`)."""
+        found, unresolved = prompt_relations(prompt, phrases)
+        return RelationResult(
+            relations=found,
+            source={"backend": self.backend, "model": None, "fallback": False, "reason": None, "raw": None,
+                    "attempts": 0},
+            unresolved=unresolved,
         )
 
     def judge_objects(self, prompt: str, tags: list[str]) -> list[ObjectJudgement]:
