@@ -1,13 +1,17 @@
 """The dense captioner (Sec. 3.2.2): tagger -> LLM (Eq. 6 scores, local phrases) -> grounder -> Layout.
 
+Beyond the paper, ``DenseCaptioner(correct_relations=True)`` corrects a layout that violates a spatial
+relation the prompt states (after SLD; :mod:`.relations`).
+
 Backends import their heavy dependencies lazily, so importing this package is cheap.
 """
 
-from .base import LLM, Detection, Grounder, LLMResult, ObjectJudgement, Tagger
+from .base import LLM, Detection, Grounder, LLMResult, ObjectJudgement, RelationFinder, RelationResult, Tagger
 from .dense import DenseCaptioner
 from .grounding import GroundingDinoSamGrounder, SegmentAnythingAdapter, box_nms
 from .llm import LLMAnswerError, OpenAIChat, TransformersChat, make_llm, validate_answer
-from .llm_rules import RuleBasedLLM, prompt_objects
+from .llm_rules import RuleBasedLLM, prompt_objects, prompt_relations
+from .relations import Relation, correct_layout, relation_holds
 from .tagger import ClipTagger, RamTagger
 
 __all__ = [
@@ -22,12 +26,18 @@ __all__ = [
     "ObjectJudgement",
     "OpenAIChat",
     "RamTagger",
+    "Relation",
+    "RelationFinder",
+    "RelationResult",
     "RuleBasedLLM",
     "SegmentAnythingAdapter",
     "Tagger",
     "TransformersChat",
     "box_nms",
+    "correct_layout",
     "make_llm",
     "prompt_objects",
+    "prompt_relations",
+    "relation_holds",
     "validate_answer",
 ]
