@@ -15,20 +15,26 @@ import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
+import PIL.Image
 import pytest
 
-from realign_pipeline.captioner.base import LLM, LLMResult, ObjectJudgement
+from realign_pipeline.captioner.base import LLM, Detection, LLMResult, ObjectJudgement, RelationResult
+from realign_pipeline.captioner.dense import DenseCaptioner
 from realign_pipeline.captioner.llm import (
     INSTRUCTION,
+    RELATIONS_INSTRUCTION,
     LLMAnswerError,
     OpenAIChat,
     RuleBasedLLM,
     TransformersChat,
     build_messages,
+    build_relation_messages,
     llm_from_config,
     make_llm,
     prompt_objects,
     validate_answer,
+    validate_relations,
 )
 from realign_pipeline.captioner.llm_rules import (
     bundled_prompts,
@@ -36,6 +42,7 @@ from realign_pipeline.captioner.llm_rules import (
     color_coverage,
     singular_forms,
 )
+from realign_pipeline.captioner.relations import Relation
 
 PROMPT = "A red book and a yellow vase on a table"
 TAGS = ["book", "vase", "dog"]
@@ -486,6 +493,172 @@ def test_empty_and_duplicate_tags(server):
     assert llm.judge(PROMPT, []).objects == [] and not server.requests
     result = llm.judge(PROMPT, ["book", "Book ", "book"])
     assert [o.tag for o in result.objects] == ["book"] and not result.source["fallback"]
+
+
+# ------------------------------------------------------------------------- relations (beyond the paper)
+REL_PROMPT = "a red book to the left of a yellow vase under a shelf"
+PHRASES = ["red book", "yellow vase"]
+LEFT = {"subject": "red book", "relation": "left of", "object": "yellow vase"}
+REL_GOOD = json.dumps({"relations": [LEFT]})
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (REL_GOOD, [Relation("red book", "left of", "yellow vase", "left of")]),
+        (f"Sure:\n```json\n{REL_GOOD}\n```", [Relation("red book", "left of", "yellow vase", "left of")]),
+        (json.dumps([LEFT | {"subject": "Red  Book", "relation": "to the left of"}]),
+         [Relation("red book", "left of", "yellow vase", "to the left of")]),
+        (json.dumps({"relations": [LEFT, LEFT, LEFT | {"subject": "yellow vase", "relation": "right of",
+                                                       "object": "red book"}]}),
+         [Relation("red book", "left of", "yellow vase", "left of"),
+          Relation("yellow vase", "right of", "red book", "right of")]),
+        (json.dumps({"relations": [LEFT | {"relation": "under"}]}), [Relation("red book", "below", "yellow vase",
+                                                                              "under")]),
+        ('{"relations": []}', []),
+    ],
+    ids=["plain", "fence", "bare-list-wording-case", "duplicates-and-converse", "under", "none"],
+)
+def test_validate_relations_accepts(raw, expected):
+    assert validate_relations(raw, PHRASES) == expected
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("", "empty answer"),
+        ("the book is on the left", "not valid JSON"),
+        ('{"relations": [{"subject": "red book",', "not valid JSON"),
+        ('{"objects": []}', "missing key 'relations'"),
+        ('{"relations": {"subject": "red book"}}', "must be a list"),
+        ('{"relations": ["red book left of yellow vase"]}', "not a JSON object"),
+        (json.dumps({"relations": [{"subject": "red book", "relation": "left of"}]}), "missing key 'object'"),
+        (json.dumps({"relations": [LEFT | {"object": 3}]}), "object of entry 0 is not a string"),
+        (json.dumps({"relations": [LEFT | {"object": "blue vase"}]}), "object 'blue vase' of entry 0 is not one of"),
+        (json.dumps({"relations": [LEFT | {"subject": "shelf"}]}), "subject 'shelf' of entry 0 is not one of"),
+        (json.dumps({"relations": [LEFT | {"relation": "next to"}]}), "relation 'next to' of entry 0 is not one"),
+        (json.dumps({"relations": [LEFT | {"object": "red book"}]}), "relates 'red book' to itself"),
+        (json.dumps({"relations": [LEFT, LEFT | {"relation": "right of"}]}), "entries 0 and 1 contradict"),
+        (f"<html><body>{REL_GOOD.replace('{', '')}</body></html>", "not valid JSON"),
+    ],
+)
+def test_validate_relations_rejects_with_a_message(raw, message):
+    with pytest.raises(LLMAnswerError, match=re.escape(message)):
+        validate_relations(raw, PHRASES)
+
+
+def test_relations_instruction_names_the_task_and_the_format():
+    text = build_relation_messages(REL_PROMPT, PHRASES)[-1]["content"]
+    assert json.dumps(REL_PROMPT) in text and json.dumps(PHRASES) in text
+    for needle in ('"relations"', '"subject"', "left of", "right of", "above", "below", "On top of", "under"):
+        assert needle in text
+    assert "{phrases}" in RELATIONS_INSTRUCTION
+
+
+def rule_relations():
+    return RuleBasedLLM().relations(REL_PROMPT, PHRASES)
+
+
+def test_openai_relations_valid_answer(server):
+    server.reply(("ok", f"Here it is: {REL_GOOD}"))
+    result = client(server).relations(REL_PROMPT, PHRASES)
+    assert isinstance(result, RelationResult)
+    assert result.relations == [Relation("red book", "left of", "yellow vase", "left of")]
+    assert result.source == {"backend": "openai", "model": "test-model", "fallback": False, "reason": None,
+                             "raw": f"Here it is: {REL_GOOD}", "attempts": 1}
+    assert "spatial relation" in server.requests[0]["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("the book is left of the vase {", "invalid answer: not valid JSON"),
+        (json.dumps({"relations": [LEFT | {"object": "shelf"}]}), "invalid answer: object 'shelf'"),
+        (json.dumps({"relations": [LEFT | {"relation": "beside"}]}), "invalid answer: relation 'beside'"),
+    ],
+    ids=["malformed-json", "unknown-phrase", "unknown-relation"],
+)
+def test_openai_relations_invalid_answers_are_reasked_then_fall_back(server, reply, reason):
+    server.reply(("ok", reply))
+    result = client(server).relations(REL_PROMPT, PHRASES)
+    assert result.source["fallback"] is True and result.source["attempts"] == 3 and len(server.requests) == 3
+    assert result.source["reason"].startswith(reason) and result.source["raw"] == reply
+    assert result.relations == rule_relations().relations and result.unresolved == rule_relations().unresolved
+    last = server.requests[-1]["messages"]
+    assert last[-2] == {"role": "assistant", "content": reply} and "could not be used" in last[-1]["content"]
+
+
+def test_openai_relations_html_page_is_retried_then_falls_back(server):
+    server.reply(("raw", ("text/html", PORTAL)))
+    result = client(server, max_retries=2).relations(REL_PROMPT, PHRASES)
+    assert result.source["fallback"] is True and result.source["attempts"] == 3 and result.source["raw"] is None
+    assert result.source["reason"].startswith("unusable reply: ") and "not JSON (text/html)" in result.source["reason"]
+    assert result.relations == [Relation("red book", "left of", "yellow vase", "to the left of")]  # the rules'
+
+
+def test_openai_relations_recover_and_are_cached_apart_from_judge(server, tmp_path):
+    server.reply(("ok", "no idea"), ("ok", REL_GOOD), ("ok", GOOD_TEXT))
+    llm = client(server, cache_dir=tmp_path)
+    first = llm.relations(REL_PROMPT, PHRASES)
+    assert first.source["fallback"] is False and first.source["attempts"] == 2
+    assert llm.relations(REL_PROMPT, PHRASES).relations == first.relations and len(server.requests) == 2
+    assert llm.judge(PROMPT, TAGS).source["fallback"] is False and len(server.requests) == 3  # its own request
+    again = client(server, cache_dir=tmp_path).relations(REL_PROMPT, PHRASES)
+    assert again.source["cached"] is True and again.relations == first.relations and len(server.requests) == 3
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert llm.relations(REL_PROMPT, ["red book"]).relations == [] and len(server.requests) == 3  # one phrase
+
+
+def test_openai_relations_without_a_key_use_the_rules():
+    llm = OpenAIChat()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = llm.relations("a cat under a table", ["cat", "table"])
+    assert result.source["fallback"] is True and result.source["attempts"] == 0
+    assert result.relations == [Relation("cat", "below", "table", "under")]
+
+
+class _NounTagger:
+    def tag(self, images, prompts):
+        return [["book", "vase"] for _ in prompts]
+
+
+class _WrongSideGrounder:
+    """The red book on the right, the yellow vase on the left (the prompt says the opposite)."""
+
+    def ground(self, image, nouns, phrases=None):
+        out = []
+        for phrase in phrases:
+            x0, y0, x1, y1 = {"red book": (0.55, 0.2, 0.95, 0.8), "yellow vase": (0.05, 0.1, 0.45, 0.9)}[phrase]
+            mask = np.zeros((20, 40), dtype=bool)
+            mask[round(y0 * 20): round(y1 * 20), round(x0 * 40): round(x1 * 40)] = True
+            out.append(Detection((x0, y0, x1, y1), mask, 0.9))
+        return out
+
+
+def test_captioner_corrects_relations_with_the_chat_llm(server):
+    judged = json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "red book"},
+                                     {"tag": "vase", "score": 2, "phrase": "yellow vase"}]})
+    server.reply(("ok", judged), ("ok", REL_GOOD))
+    captioner = DenseCaptioner(_NounTagger(), client(server), _WrongSideGrounder(), add_prompt_objects=False,
+                               correct_relations=True)
+    layout = captioner([PIL.Image.new("RGB", (40, 20))], [REL_PROMPT])[0]
+    book, vase = layout.regions
+    assert book.box[2] <= vase.box[0] and book.mask.sum() == 16 * 12
+    record = layout.source["relations"]
+    assert record["parser"]["backend"] == "openai" and record["parser"]["fallback"] is False
+    assert record["corrected"] == 1 and record["relations"][0]["action"] == "swapped"
+    assert len(server.requests) == 2
+
+
+def test_transformers_relations_go_through_validation_and_fall_back(tiny_chat_model, monkeypatch):
+    garbage = TransformersChat(tiny_chat_model, device="cpu", max_new_tokens=3, max_reasks=0)
+    result = garbage.relations(REL_PROMPT, PHRASES)
+    assert result.source["backend"] == "local" and result.source["fallback"] is True
+    assert result.source["reason"].startswith("invalid answer: ") and result.relations == rule_relations().relations
+    llm = TransformersChat(tiny_chat_model, device="cpu")
+    monkeypatch.setattr(type(llm), "_complete", lambda self, messages: REL_GOOD)
+    assert llm.relations(REL_PROMPT, PHRASES).relations[0].relation == "left of"
 
 
 # ------------------------------------------------------------------------------------------ transformers

@@ -17,6 +17,11 @@ after that, or on any other error, the result is the rule-based one and ``source
     {"backend": "openai", "model": "gpt-4o", "fallback": True, "reason": "...", "raw": <last answer or None>,
      "attempts": <number of requests made>}
 
+Beyond the paper, the chat backends also answer ``relations(prompt, phrases) -> RelationResult``: the spatial
+relations the prompt states between two of the layout's phrases (:data:`RELATIONS_INSTRUCTION`, checked by
+:func:`validate_relations`, with the same retries, re-asks, cache, fallback and ``source``), for the captioner's
+relation correction (after SLD; :mod:`realign_pipeline.captioner.relations`).
+
 Valid answers are cached in memory and, with ``cache_dir``, on disk (one JSON file per request, named by a hash
 of the model, the prompt, the tags and the instruction version), so re-running a prompt set costs nothing.
 API keys are never logged, never put in ``source``, in cache files or in ``to_config()``.
@@ -33,26 +38,31 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..layout import SCORE_CERTAIN, SCORE_UNLIKELY
-from .base import LLMResult, ObjectJudgement
-from .llm_rules import RuleBasedLLM, prompt_objects
+from .base import LLMResult, ObjectJudgement, RelationResult
+from .llm_rules import RuleBasedLLM, prompt_objects, relation_name
+from .relations import RELATION_AXES, RELATIONS, Relation
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "INSTRUCTION",
+    "RELATIONS_INSTRUCTION",
     "LLMAnswerError",
     "OpenAIChat",
     "RuleBasedLLM",
     "TransformersChat",
     "build_messages",
+    "build_relation_messages",
     "llm_from_config",
     "make_llm",
     "prompt_objects",
     "validate_answer",
+    "validate_relations",
 ]
 
 #: Bump when the instruction changes: it is part of the cache key, so old cached answers are not reused.
@@ -213,6 +223,100 @@ def validate_answer(raw: str | None, prompt: str, tags: list[str]) -> list[Objec
     return [found[key] for key in asked]
 
 
+# ------------------------------------------------------------------------------------------ relations
+#: Bump when the relations instruction changes (part of its cache key).
+RELATIONS_INSTRUCTION_VERSION = 1
+
+#: Which spatial relations the prompt states between the layout's objects (beyond the paper, after SLD).
+#: Only the phrases are given, not the boxes: the question is what the prompt says, and the geometry (does the
+#: layout violate it, how to move the regions) is computed, not asked. ``{prompt}`` and ``{phrases}`` are
+#: filled in by :func:`build_relation_messages`.
+RELATIONS_INSTRUCTION = """\
+Text prompt: {prompt}
+Objects found in the picture, each named by the words of the prompt that describe it: {phrases}
+
+Task (spatial relations). List every spatial relation that the text prompt states between two of these
+objects: one object is to the left of, to the right of, above or below the other. "On top of" counts as
+above; "under", "beneath" and "underneath" count as below. List only relations the prompt states in words;
+do not describe the picture and do not guess. Relations such as "next to", "near", "in front of" or "behind"
+are not listed. Name each object exactly as it is written in the list of objects.
+Example: for the prompt "a red book to the left of a yellow vase" and the objects ["red book", "yellow vase"]
+the answer is {{"relations": [{{"subject": "red book", "relation": "left of", "object": "yellow vase"}}]}}.
+If the prompt states no such relation between the listed objects, answer {{"relations": []}}.
+
+Answer with this JSON and nothing else:
+{{"relations": [{{"subject": "<an object from the list>", "relation": "left of" or "right of" or "above" or "below", "object": "<another object from the list>"}}]}}
+"""
+
+RELATIONS_REASK_MESSAGE = (
+    "Your answer could not be used: {error}. Answer again with only the JSON object described above, "
+    "naming objects exactly as in the list."
+)
+
+
+def build_relation_messages(prompt: str, phrases: list[str]) -> list[dict[str, str]]:
+    """The chat messages that ask which spatial relations `prompt` states between two of `phrases`."""
+    user = RELATIONS_INSTRUCTION.format(prompt=json.dumps(prompt, ensure_ascii=False),
+                                        phrases=json.dumps(phrases, ensure_ascii=False))
+    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": user}]
+
+
+def validate_relations(raw: str | None, phrases: list[str]) -> list[Relation]:
+    """Parse and check a relations answer: the :class:`Relation` s it states, in order, duplicates once.
+
+    Accepted: ``{"relations": [{"subject", "relation", "object"}, ...]}`` alone, in a code fence or inside prose
+    (a bare list of entries too; an empty list means no relation). Checks, each failing with
+    :class:`LLMAnswerError`: JSON with a ``"relations"`` list of objects; each entry has the three keys as
+    strings; ``subject`` and ``object`` are phrases of `phrases` (case-insensitive, any spacing; the returned
+    phrase is the list's spelling) and differ; ``relation`` is "left of", "right of", "above" or "below" (or a
+    wording of them the rules know: "to the left of", "on top of", "under", "left_of"); no two relations put the
+    same pair in opposite orders on one axis.
+    """
+    if raw is None or not str(raw).strip():
+        raise LLMAnswerError("empty answer")
+    data = _extract_json(str(raw))
+    if isinstance(data, dict):
+        if "relations" not in data:
+            raise LLMAnswerError(f"missing key 'relations' (got keys {sorted(data)})")
+        entries = data["relations"]
+    else:
+        entries = data
+    if not isinstance(entries, list):
+        raise LLMAnswerError(f"'relations' must be a list, got {type(entries).__name__}")
+    known = {" ".join(p.lower().split()): p for p in phrases}
+    found: list[Relation] = []
+    order: dict[tuple[int, str, str], int] = {}  # (axis, first, second) -> entry index
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise LLMAnswerError(f"entry {index} of 'relations' is not a JSON object: {entry!r}")
+        for key in ("subject", "relation", "object"):
+            if key not in entry:
+                raise LLMAnswerError(f"missing key {key!r} in entry {index} of 'relations'")
+            if not isinstance(entry[key], str):
+                raise LLMAnswerError(f"{key} of entry {index} is not a string: {entry[key]!r}")
+        sides = []
+        for key in ("subject", "object"):
+            phrase = known.get(" ".join(entry[key].lower().split()))
+            if phrase is None:
+                raise LLMAnswerError(f"{key} {entry[key]!r} of entry {index} is not one of the objects {phrases}")
+            sides.append(phrase)
+        name = relation_name(entry["relation"])
+        if name is None:
+            raise LLMAnswerError(f"relation {entry['relation']!r} of entry {index} is not one of {list(RELATIONS)}")
+        if sides[0] == sides[1]:
+            raise LLMAnswerError(f"entry {index} relates {sides[0]!r} to itself")
+        axis, subject_first = RELATION_AXES[name]
+        first, second = sides if subject_first else sides[::-1]
+        if (axis, second, first) in order:
+            raise LLMAnswerError(f"entries {order[(axis, second, first)]} and {index} contradict each other")
+        order.setdefault((axis, first, second), index)
+        relation = Relation(sides[0], name, sides[1], entry["relation"].strip())
+        if all((r.subject, r.relation, r.object) != (relation.subject, relation.relation, relation.object)
+               for r in found):
+            found.append(relation)
+    return found
+
+
 # ------------------------------------------------------------------------------------------ shared machinery
 class _TransientError(Exception):
     """A failure worth retrying after a pause (network, timeout, 429, 5xx)."""
@@ -297,7 +401,7 @@ class _ChatLLM:
         self.backoff = float(backoff)
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self.fallback = fallback or RuleBasedLLM()
-        self._memory: dict[str, LLMResult] = {}
+        self._memory: dict[str, tuple[Any, dict[str, Any]]] = {}  # cache key -> (validated answer, source)
         self.requests_made = 0  # requests sent to the model, for tests and cost accounting
 
     # Subclasses: send `messages`, return the answer text; raise _TransientError / _PermanentError.
@@ -317,10 +421,20 @@ class _ChatLLM:
         )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
+    def relations_cache_key(self, prompt: str, phrases: list[str]) -> str:
+        """The cache key of a ``relations`` request (its own task and instruction version)."""
+        payload = json.dumps(
+            {"task": "relations", "backend": self.backend, "model": self.model, "prompt": prompt,
+             "phrases": phrases, "instruction_version": RELATIONS_INSTRUCTION_VERSION},
+            sort_keys=True, ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
     def _cache_path(self, key: str) -> Path | None:
         return Path(self.cache_dir) / f"{key}.json" if self.cache_dir else None
 
-    def _cache_get(self, key: str, prompt: str, tags: list[str]) -> LLMResult | None:
+    def _cache_read(self, key: str, validate: Callable[[str], Any]) -> tuple[Any, dict[str, Any]] | None:
+        """A cached answer as (validated value, source), from memory or disk; None when there is none."""
         if key in self._memory:
             return copy.deepcopy(self._memory[key])
         path = self._cache_path(key)
@@ -328,23 +442,22 @@ class _ChatLLM:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            objects = validate_answer(data["raw"], prompt, tags)
+            value = validate(data["raw"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("ignoring the unreadable LLM cache file %s (%s)", path, error)
             return None
-        result = LLMResult(objects, self._source(fallback=False, reason=None, raw=data["raw"],
-                                                 attempts=int(data.get("attempts", 1))) | {"cached": True})
-        self._memory[key] = result
-        return copy.deepcopy(result)
+        source = self._source(fallback=False, reason=None, raw=data["raw"],
+                              attempts=int(data.get("attempts", 1))) | {"cached": True}
+        self._memory[key] = (value, source)
+        return copy.deepcopy((value, source))
 
-    def _cache_put(self, key: str, prompt: str, tags: list[str], result: LLMResult) -> None:
-        self._memory[key] = copy.deepcopy(result)
+    def _cache_write(self, key: str, value: Any, source: dict[str, Any], record: dict[str, Any]) -> None:
+        self._memory[key] = copy.deepcopy((value, source))
         path = self._cache_path(key)
         if path is None:
             return
-        record = {"backend": self.backend, "model": self.model, "prompt": prompt, "tags": tags,
-                  "instruction_version": INSTRUCTION_VERSION, "raw": result.source["raw"],
-                  "attempts": result.source["attempts"]}
+        record = {"backend": self.backend, "model": self.model} | record | {
+            "raw": source["raw"], "attempts": source["attempts"]}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -353,10 +466,52 @@ class _ChatLLM:
         except OSError as error:
             logger.warning("could not write the LLM cache file %s (%s)", path, error)
 
-    # ---------------------------------------------------------------------------------------------- judge
+    # -------------------------------------------------------------------------------------------- requests
     def _source(self, *, fallback: bool, reason: str | None, raw: str | None, attempts: int) -> dict[str, Any]:
         return {"backend": self.backend, "model": self.model, "fallback": fallback, "reason": reason, "raw": raw,
                 "attempts": attempts}
+
+    def _ask(
+        self,
+        messages: list[dict[str, str]],
+        validate: Callable[[str | None], Any],
+        reask: Callable[[str | None, LLMAnswerError], list[dict[str, str]]],
+    ) -> tuple[Any, str | None, str | None, int]:
+        """Ask until an answer validates: ``(value, None, raw, attempts)``, or ``(None, reason, raw, attempts)``.
+
+        Transient failures are retried ``max_retries`` times with exponential backoff; an invalid answer is
+        asked again (``reask(raw, error)`` gives the messages) ``max_reasks`` times; any other error ends it.
+        """
+        attempts = failures = reasks = 0
+        raw: str | None = None
+        while True:
+            attempts += 1
+            self.requests_made += 1
+            try:
+                raw = self._complete(messages)
+            except _TransientError as error:
+                failures += 1
+                reason = f"unusable reply: {error}" if isinstance(error, _BadReply) else f"request failed: {error}"
+                if failures > self.max_retries:
+                    return None, f"{reason} (after {failures} tries)", raw, attempts
+                delay = self.backoff * 2 ** (failures - 1)
+                logger.info("%s LLM: %s; retry %d/%d in %.2f s", self.backend, reason, failures, self.max_retries,
+                            delay)
+                time.sleep(delay)
+                continue
+            except _PermanentError as error:
+                return None, f"request failed: {error}", raw, attempts
+            except Exception as error:  # noqa: BLE001 - a backend bug or client surprise must not end the pipeline call
+                return None, f"request failed: {type(error).__name__}: {error}", raw, attempts
+            try:
+                return validate(raw), None, raw, attempts
+            except LLMAnswerError as error:
+                reasks += 1
+                if reasks > self.max_reasks:
+                    return None, f"invalid answer: {error}", raw, attempts
+                logger.info("%s LLM: invalid answer (%s); asking again (%d/%d)", self.backend, error, reasks,
+                            self.max_reasks)
+                messages = reask(raw, error)
 
     def _fall_back(self, prompt: str, tags: list[str], reason: str, raw: str | None, attempts: int) -> LLMResult:
         logger.warning("%s LLM (%s): %s; using the rule-based result.", self.backend, self.model, reason)
@@ -369,51 +524,73 @@ class _ChatLLM:
         if not tags:
             return LLMResult([], self._source(fallback=False, reason=None, raw=None, attempts=0))
         key = self.cache_key(prompt, tags)
-        cached = self._cache_get(key, prompt, tags)
+
+        def validate(raw: str | None) -> list[ObjectJudgement]:
+            return validate_answer(raw, prompt, tags)
+
+        cached = self._cache_read(key, validate)
         if cached is not None:
-            return cached
+            return LLMResult(*cached)
         unavailable = self._unavailable()
         if unavailable:
             return self._fall_back(prompt, tags, unavailable, None, 0)
-        messages = build_messages(prompt, tags)
-        attempts = failures = reasks = 0
-        raw: str | None = None
-        while True:
-            attempts += 1
-            self.requests_made += 1
-            try:
-                raw = self._complete(messages)
-            except _TransientError as error:
-                failures += 1
-                reason = f"unusable reply: {error}" if isinstance(error, _BadReply) else f"request failed: {error}"
-                if failures > self.max_retries:
-                    return self._fall_back(prompt, tags, f"{reason} (after {failures} tries)", raw, attempts)
-                delay = self.backoff * 2 ** (failures - 1)
-                logger.info("%s LLM: %s; retry %d/%d in %.2f s", self.backend, reason, failures, self.max_retries,
-                            delay)
-                time.sleep(delay)
-                continue
-            except _PermanentError as error:
-                return self._fall_back(prompt, tags, f"request failed: {error}", raw, attempts)
-            except Exception as error:  # noqa: BLE001 - a backend bug or client surprise must not end the pipeline call
-                return self._fall_back(prompt, tags, f"request failed: {type(error).__name__}: {error}", raw,
-                                       attempts)
-            try:
-                objects = validate_answer(raw, prompt, tags)
-            except LLMAnswerError as error:
-                reasks += 1
-                if reasks > self.max_reasks:
-                    return self._fall_back(prompt, tags, f"invalid answer: {error}", raw, attempts)
-                logger.info("%s LLM: invalid answer (%s); asking again (%d/%d)", self.backend, error, reasks,
-                            self.max_reasks)
-                messages = build_messages(prompt, tags) + [
-                    {"role": "assistant", "content": raw or ""},
-                    {"role": "user", "content": REASK_MESSAGE.format(error=error)},
-                ]
-                continue
-            result = LLMResult(objects, self._source(fallback=False, reason=None, raw=raw, attempts=attempts))
-            self._cache_put(key, prompt, tags, result)
-            return result
+        objects, reason, raw, attempts = self._ask(
+            build_messages(prompt, tags),
+            validate,
+            lambda raw, error: build_messages(prompt, tags) + [
+                {"role": "assistant", "content": raw or ""},
+                {"role": "user", "content": REASK_MESSAGE.format(error=error)},
+            ],
+        )
+        if reason is not None:
+            return self._fall_back(prompt, tags, reason, raw, attempts)
+        source = self._source(fallback=False, reason=None, raw=raw, attempts=attempts)
+        self._cache_write(key, objects, source,
+                          {"prompt": prompt, "tags": tags, "instruction_version": INSTRUCTION_VERSION})
+        return LLMResult(objects, source)
+
+    def relations(self, prompt: str, phrases: list[str]) -> RelationResult:
+        """The spatial relations `prompt` states between two of `phrases` (beyond the paper; after SLD).
+
+        Asked with :data:`RELATIONS_INSTRUCTION` and checked by :func:`validate_relations`, with the same
+        retries, re-asks, cache and provenance as :meth:`judge`; on failure the rule-based answer
+        (``fallback.relations``) with the reason in ``source``. Fewer than two phrases make no request.
+        """
+        phrases = _dedupe(list(phrases))
+        if len(phrases) < 2:
+            return RelationResult([], self._source(fallback=False, reason=None, raw=None, attempts=0))
+        key = self.relations_cache_key(prompt, phrases)
+
+        def validate(raw: str | None) -> list[Relation]:
+            return validate_relations(raw, phrases)
+
+        cached = self._cache_read(key, validate)
+        if cached is not None:
+            return RelationResult(*cached)
+        unavailable = self._unavailable()
+        if unavailable:
+            return self._relations_fall_back(prompt, phrases, unavailable, None, 0)
+        found, reason, raw, attempts = self._ask(
+            build_relation_messages(prompt, phrases),
+            validate,
+            lambda raw, error: build_relation_messages(prompt, phrases) + [
+                {"role": "assistant", "content": raw or ""},
+                {"role": "user", "content": RELATIONS_REASK_MESSAGE.format(error=error)},
+            ],
+        )
+        if reason is not None:
+            return self._relations_fall_back(prompt, phrases, reason, raw, attempts)
+        source = self._source(fallback=False, reason=None, raw=raw, attempts=attempts)
+        self._cache_write(key, found, source, {"task": "relations", "prompt": prompt, "phrases": phrases,
+                                               "instruction_version": RELATIONS_INSTRUCTION_VERSION})
+        return RelationResult(found, source)
+
+    def _relations_fall_back(self, prompt: str, phrases: list[str], reason: str, raw: str | None,
+                             attempts: int) -> RelationResult:
+        logger.warning("%s LLM (%s): %s; using the rule-based relations.", self.backend, self.model, reason)
+        rules = self.fallback.relations(prompt, phrases)
+        return RelationResult(rules.relations, self._source(fallback=True, reason=reason, raw=raw, attempts=attempts),
+                              rules.unresolved)
 
     def _base_config(self) -> dict[str, Any]:
         return {"backend": self.backend, "model": self.model, "max_retries": self.max_retries,
