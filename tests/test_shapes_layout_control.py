@@ -39,6 +39,8 @@ def test_paired_rates_counts_fixes_and_breaks_among_the_right_images(layout_cont
 
 
 def test_sides_come_from_the_prompt_or_a_seeded_draw_and_boxes_from_the_worlds_halves(layout_control):
+    from ablation import pairing_key
+
     from realign_pipeline.shapes.world import held_out_prompts
 
     records = layout_control.with_sides(held_out_prompts())
@@ -55,12 +57,14 @@ def test_sides_come_from_the_prompt_or_a_seeded_draw_and_boxes_from_the_worlds_h
     boxes = {region.phrase: region.box for region in layout}
     for o in records[0]["objects"]:
         assert boxes[f"{o['color']} {o['shape']}"] == layout_control.SIDE_BOXES[o["side"]]
-    assert layout_control.pairing_key(records[0]["objects"]) == layout_control.pairing_key(records[1]["objects"])
+    assert pairing_key(records[0]["objects"]) == pairing_key(records[1]["objects"])
 
 
 def test_tuning_and_evaluation_prompts_do_not_share_a_pairing(layout_control):
-    tuning = {layout_control.pairing_key(r["objects"]) for r in layout_control.tuning_records(None)}
-    evaluation = {layout_control.pairing_key(r["objects"]) for r in layout_control.evaluation_records(None)}
+    from ablation import pairing_key
+
+    tuning = {pairing_key(r["objects"]) for r in layout_control.tuning_records(None)}
+    evaluation = {pairing_key(r["objects"]) for r in layout_control.evaluation_records(None)}
     assert len(evaluation) == 24 and len(tuning) == 96 and not tuning & evaluation
 
 

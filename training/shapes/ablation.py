@@ -50,6 +50,12 @@ def pixel_changes(before: Sequence[Any], after: Sequence[Any]) -> list[float]:
             for b, a in zip(before, after, strict=True)]
 
 
+def pairing_key(objects: Sequence[dict[str, Any]]) -> str:
+    """The pairing a prompt composes (its objects, unordered): the cluster of the bootstraps, since prompts of
+    one composition share its difficulty."""
+    return " + ".join(sorted(f"{o['color']} {o['shape']}" for o in objects))
+
+
 def paired_rates(before: Sequence[float], after: Sequence[float], groups: Sequence[Any]) -> dict[str, Any]:
     """What a change did to paired 0/1 values (the same prompt and seed before and after).
 

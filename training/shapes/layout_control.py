@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ablation import GENERATION, paired_rates
+from ablation import GENERATION, paired_rates, pairing_key
 
 from realign_pipeline import Layout, Region
 from realign_pipeline.shapes.checker import check_prompt, match_objects
@@ -79,11 +79,6 @@ def with_sides(records: Sequence[dict[str, Any]], seed: int = SIDES_SEED) -> lis
 def prompt_layout(objects: Sequence[dict[str, Any]]) -> Layout:
     """One region per object: its "colour shape" phrase in the box of its side (Eq. 6 score 2, certain)."""
     return Layout([Region(f"{o['color']} {o['shape']}", box=list(SIDE_BOXES[o["side"]])) for o in objects])
-
-
-def pairing_key(objects: Sequence[dict[str, Any]]) -> str:
-    """The pairing a prompt composes (its objects, unordered): the cluster of the bootstrap."""
-    return " + ".join(sorted(f"{o['color']} {o['shape']}" for o in objects))
 
 
 def tuning_records(limit: int | None) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ __all__ = [
     "ShapeObject",
     "all_pairings",
     "caption_scene",
+    "held_out_halves",
     "held_out_prompts",
     "is_held_out",
     "reading_accuracy",
@@ -257,6 +258,19 @@ def held_out_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any
     "right" or None (position not named by the prompt).
     """
     return pairing_prompts(sorted(HELD_OUT_PAIRINGS), forms)
+
+
+#: Seed of the split of the held-out pairings into halves A and B (drawn once, never redrawn).
+HALVES_SEED = 0
+
+
+def held_out_halves() -> tuple[list[tuple[tuple[str, str], tuple[str, str]]], list[tuple[tuple[str, str], tuple[str, str]]]]:
+    """The 24 held-out pairings split, seeded, into halves A and B of 12. Settings may be tuned on half A (as
+    text: reward prompts, layout settings); half B is the test no run may look at before its result is final."""
+    pairings = sorted(HELD_OUT_PAIRINGS)
+    random.Random(HALVES_SEED).shuffle(pairings)
+    half = len(pairings) // 2
+    return sorted(pairings[:half]), sorted(pairings[half:])
 
 
 def training_pairing_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,71 @@
+"""``training/shapes/fine_stage_rates.py``: the placebo layout, and the reduced run end to end on the shipped
+shapes world (every rate in range and consistent with its counts)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHAPES = Path(__file__).resolve().parents[1] / "training" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def fine_stage_rates():
+    if str(SHAPES) not in sys.path:
+        sys.path.insert(0, str(SHAPES))
+    import fine_stage_rates
+
+    return fine_stage_rates
+
+
+def test_the_placebo_exchanges_the_phrases_or_mirrors_a_lone_region(fine_stage_rates):
+    from realign_pipeline import Layout, Region
+
+    left = np.zeros((32, 32), dtype=np.float32)
+    left[8:20, 2:14] = 1
+    right = np.zeros((32, 32), dtype=np.float32)
+    right[10:22, 18:30] = 1
+    layout = Layout([Region("red circle", mask=left, score=2.0, tag="circle"),
+                     Region("blue square", mask=right, score=0.5, tag="square")])
+    placebo = fine_stage_rates.placebo_layout(layout)
+    assert [r.phrase for r in placebo] == ["blue square", "red circle"]
+    assert [r.score for r in placebo] == [2.0, 0.5]  # the same modulation, aimed at the other object
+    assert np.array_equal(np.asarray(placebo[0].mask), left) and np.array_equal(np.asarray(placebo[1].mask), right)
+    (alone,) = fine_stage_rates.placebo_layout(Layout([Region("red circle", mask=left)]))
+    assert alone.phrase == "red circle"
+    assert np.array_equal(np.asarray(alone.mask), left[:, ::-1])
+    assert float(np.asarray(alone.mask)[:, 16:].sum()) == float(left.sum())  # now in the other half
+
+
+def _check(rates: dict, n: int) -> None:
+    assert rates["n"] == n and rates["base_wrong"] + rates["base_right"] == n
+    assert rates["fixed"] <= rates["base_wrong"] and rates["broken"] <= rates["base_right"]
+    unchanged = n - rates["fixed"] - rates["broken"]
+    assert rates["fixed"] + unchanged + rates["broken"] == n
+    assert rates["after"] - rates["before"] == pytest.approx(rates["difference"], abs=1e-3)
+    if rates["base_wrong"]:
+        assert rates["fix_rate"] == pytest.approx(rates["fixed"] / rates["base_wrong"], abs=1e-4)
+    if rates["base_right"]:
+        assert rates["break_rate"] == pytest.approx(rates["broken"] / rates["base_right"], abs=1e-4)
+
+
+def test_quick_run_on_the_shapes_world(fine_stage_rates, tmp_path):
+    result = fine_stage_rates.main(["--quick", "--out", str(tmp_path / "rates.json")])
+    assert set(result["splits"]) == {"half-b", "held-out", "hard"}
+    from realign_pipeline.shapes.world import held_out_halves
+
+    half_b = {" + ".join(sorted(f"{c} {s}" for c, s in pairing)) for pairing in held_out_halves()[1]}
+    assert {row["pairing"] for row in result["splits"]["half-b"]["rows"]} <= half_b
+    for name, split in result["splits"].items():
+        n = split["images"]
+        assert n == len(split["rows"]) and split["realigned"] <= n
+        if name == "hard":
+            assert all(split["wrong_counts"][row["prompt"]] >= split["min_wrong"] for row in split["rows"])
+            assert {row["seed"] for row in split["rows"]} <= {100}
+        for metric, entry in split["rates"].items():
+            with_value = sum(row["coarse"][metric] is not None for row in split["rows"])
+            _check(entry["fine"], with_value)
+            _check(entry["placebo"], with_value)
