@@ -345,3 +345,19 @@ def test_self_attention_modulation_in_query_blocks_equals_the_pure_math(monkeypa
     # only the (regions, queries) masks are kept between calls, never a (queries, queries) map
     kept = [t for per_image in state._self_cache.values() for factors in per_image if factors for t in factors]
     assert kept and all(t.numel() < 24 * 24 for t in kept)
+
+
+def test_in_place_row_sum_update_equals_the_full_update():
+    from realign_pipeline.attention import modulate_scores_by_rows_, self_attention_modulation_rows
+
+    generator = torch.Generator().manual_seed(10)
+    scores = torch.randn(2, 3, 20, 20, generator=generator) * 3
+    masks = torch.rand(3, 20, generator=generator)
+    region_scores, areas = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.1, 0.5, 0.9])
+    positive, negative = self_attention_modulation_weights(masks, region_scores, areas, 0.7)
+    full = modulate_scores(scores, positive, negative, gain=0.6)
+    rows_positive, row_sums = self_attention_modulation_rows(masks, region_scores, areas, 0.7, queries=slice(5, 12))
+    torch.testing.assert_close(rows_positive, positive[5:12])
+    in_place = modulate_scores_by_rows_(scores[..., 5:12, :].clone(), rows_positive, row_sums[:, None], 0.6)
+    torch.testing.assert_close(in_place, full[..., 5:12, :], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(full, scores)

@@ -75,6 +75,27 @@ def cross_attention_modulation_weights(
     return positive, negative
 
 
+def self_attention_modulation_rows(
+    masks: torch.Tensor,
+    region_scores: torch.Tensor,
+    areas: torch.Tensor,
+    size_weight: float = 1.0,
+    queries: slice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive map of :func:`self_attention_modulation_weights` and its row sums, for the rows of `queries`
+    (all of them by default): ``(positive, row_sums)`` of shapes (rows, num_queries) and (rows,), with
+    ``row_sums[q] = sum_r s_r (1 - w a_r) m_r[q] = positive[q] + negative[q]`` for every key.
+
+    The maps have rank at most ``num_regions`` (``positive = W^T M`` with ``W = s (1 - w a) M``), so any block of
+    rows is cheap to build from the (num_regions, num_queries) masks: at 64x64 latents the full maps are
+    4096 x 4096, and the processor never builds more than a block of them.
+    """
+    weighted = masks * (region_scores * size_factor(areas, size_weight))[:, None]  # (N, Q)
+    if queries is not None:
+        weighted = weighted[:, queries]
+    return weighted.T @ masks, weighted.sum(0)
+
+
 def self_attention_modulation_weights(
     masks: torch.Tensor,
     region_scores: torch.Tensor,
@@ -87,17 +108,9 @@ def self_attention_modulation_weights(
     Returns ``(positive, negative)``, each (num_queries, num_queries), or only the rows of `queries`:
     ``positive = sum_r s_r (1 - w a_r) m_r[q] m_r[k]``, ``negative = sum_r s_r (1 - w a_r) m_r[q] (1 - m_r[k])``.
     Queries outside every region are left alone.
-
-    Both maps have rank at most ``num_regions`` (``positive = W^T M`` and ``negative = rowsum(W) - positive``
-    with ``W = s (1 - w a) M``), so any block of rows is cheap to build from the (num_regions, num_queries) masks:
-    at 64x64 latents the full maps are 4096 x 4096, and the processor never builds more than a block of them.
     """
-    weighted = masks * (region_scores * size_factor(areas, size_weight))[:, None]  # (N, Q)
-    if queries is not None:
-        weighted = weighted[:, queries]
-    positive = weighted.T @ masks
-    negative = weighted.sum(0)[:, None] - positive
-    return positive, negative
+    positive, row_sums = self_attention_modulation_rows(masks, region_scores, areas, size_weight, queries)
+    return positive, row_sums[:, None] - positive
 
 
 def modulate_scores(
@@ -133,6 +146,27 @@ def modulate_columns_(
     claimed = scores.index_select(-1, columns)
     claimed = claimed + gain * (positive * (row_max - claimed) - negative * (claimed - row_min))
     return scores.index_copy_(-1, columns, claimed)
+
+
+def modulate_scores_by_rows_(
+    scores: torch.Tensor, positive: torch.Tensor, row_sums: torch.Tensor, gain: float
+) -> torch.Tensor:
+    """:func:`modulate_scores` written in place into `scores`, for weights whose positive and negative maps add up
+    to one value per query (``negative = row_sums - positive``, as the self-attention weights do), and returned.
+
+    Then ``scores + g (P (max - s) - N (s - min)) = s (1 - g r) + g r min + g (max - min) P``: three in-place
+    passes over the scores and no temporary of their size, where the direct form takes about eight passes and
+    several temporaries (on a CPU, a 64x64 self-attention layer spends more on those than on its matmuls).
+    `positive` is broadcastable to `scores`, `row_sums` to ``scores[..., :1]``.
+    """
+    if gain == 0:
+        return scores
+    # amax and amin apart: torch.aminmax is several times slower over the last dimension on the CPU
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_min = scores.amin(dim=-1, keepdim=True)
+    pulled = gain * row_sums
+    scores.mul_(1.0 - pulled).add_(pulled * row_min)
+    return scores.addcmul_(positive, (row_max - row_min).mul_(gain))
 
 
 def reweighted_attention_scores(
@@ -264,12 +298,13 @@ class RealignAttentionState:
     def self_weights(
         self, num_queries: int, device: torch.device, queries: slice | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_images, 1, rows, Q) positive and negative maps for self-attention modulation, for the rows of
-        `queries` (all of them by default).
+        """Self-attention modulation weights for the rows of `queries` (all of them by default):
+        ``(positive, row_sums)`` of shapes (num_images, 1, rows, Q) and (num_images, 1, rows, 1), as
+        :func:`self_attention_modulation_rows` gives them (``negative = row_sums - positive``).
 
         Only each image's (num_regions, Q) masks, scores and areas are kept, once per resolution; the rows are
-        built on demand (:func:`self_attention_modulation_weights`), since the full (Q, Q) maps cost 2 x 64 MiB
-        per image at 64x64 latents and 2 x 324 MiB at 96x96.
+        built on demand, since the full (Q, Q) maps cost 2 x 64 MiB per image at 64x64 latents and 2 x 324 MiB
+        at 96x96.
         """
         key = (num_queries, device)
         if key not in self._self_cache:
@@ -281,15 +316,15 @@ class RealignAttentionState:
                 for layout in self.layouts
             ]
         num_rows = len(range(num_queries)[queries]) if queries is not None else num_queries
-        positives, negatives = [], []
+        positives, row_sums = [], []
         for factors in self._self_cache[key]:
             if factors is None:
-                pos = neg = torch.zeros(num_rows, num_queries, device=device)
+                positive, sums = torch.zeros(num_rows, num_queries, device=device), torch.zeros(num_rows, device=device)
             else:
-                pos, neg = self_attention_modulation_weights(*factors, self.size_weight, queries=queries)
-            positives.append(pos)
-            negatives.append(neg)
-        return torch.stack(positives)[:, None], torch.stack(negatives)[:, None]
+                positive, sums = self_attention_modulation_rows(*factors, self.size_weight, queries=queries)
+            positives.append(positive)
+            row_sums.append(sums)
+        return torch.stack(positives)[:, None], torch.stack(row_sums)[:, None, :, None]
 
     def record(self, probs: torch.Tensor) -> None:
         """Add (num_images, heads, Q, K) cross-attention probabilities, averaged over heads, at latent size."""
@@ -471,10 +506,10 @@ class RealignAttnProcessor:
     ) -> torch.Tensor:
         """Eq. 8 on self-attention, one block of queries at a time.
 
-        `query` is already scaled and in float32. Each block's scores, its rows of the positive and negative maps
-        (built from the masks, see :meth:`RealignAttentionState.self_weights`), the modulation's temporaries and
-        the softmax live only while that block is computed: the row max and min of :func:`modulate_scores` are
-        per query, so blocks of queries are independent and the result is the unchunked one.
+        `query` is already scaled and in float32. Each block's scores, its rows of the positive map (built from
+        the masks, see :meth:`RealignAttentionState.self_weights`) and its softmax live only while that block is
+        computed, and the modulation is done in place (:func:`modulate_scores_by_rows_`): the row max and min of
+        Eq. 8 are per query, so blocks of queries are independent and the result is the unchunked one.
         """
         num_images, heads, num_queries, _ = query.shape
         num_keys = key.shape[-2]
@@ -484,9 +519,9 @@ class RealignAttnProcessor:
         for start in range(0, num_queries, block):
             rows = slice(start, min(start + block, num_queries))
             scores = torch.matmul(query[:, :, rows], key_t)
-            positive, negative = self.state.self_weights(num_queries, scores.device, rows)
-            scores = modulate_scores(scores, positive, negative, gain)
-            del positive, negative
+            positive, row_sums = self.state.self_weights(num_queries, scores.device, rows)
+            scores = modulate_scores_by_rows_(scores, positive, row_sums, gain)
+            del positive
             if mask is not None:
                 scores = _apply_attention_mask(scores, mask[..., rows, :] if mask.shape[-2] > 1 else mask)
             out[:, :, rows] = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
