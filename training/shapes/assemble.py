@@ -5,6 +5,12 @@
 Writes ``pipeline/`` (a `RealignDiffPipeline` folder: vae, text_encoder, tokenizer, unet, DDIM scheduler and
 the shapes dense captioner's settings), ``clip/`` (the whole small CLIP), ``blip2-captioner/`` and
 ``blip2-itm/`` when those runs exist, and ``training_summary.json`` (steps, final losses, wall time per run).
+
+The second world (its CLIP trained without swapped negatives, a UNet trained on its text tower) ships only its
+pipeline, beside the first world's; its images are judged by the first world's CLIP and BLIP-2:
+
+    python training/shapes/assemble.py --runs runs/shapes-bow --out src/realign_pipeline/assets/shapes \
+        --pipeline_name pipeline-bow --vae src/realign_pipeline/assets/shapes/pipeline/vae
 """
 
 from __future__ import annotations
@@ -54,13 +60,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pipeline_name", default="pipeline",
+                        help="folder of the pipeline under --out; any other name than 'pipeline' writes only it")
+    parser.add_argument("--vae", default=None, help="the VAE folder (default: --runs/vae/final)")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from realign_pipeline.shapes.perception import shapes_dense_captioner
 
+    vae_path = Path(args.vae) if args.vae else runs / "vae" / "final"
     pipe = RealignDiffPipeline(
-        vae=AutoencoderKL.from_pretrained(runs / "vae" / "final"),
+        vae=AutoencoderKL.from_pretrained(vae_path),
         text_encoder=CLIPTextModel.from_pretrained(runs / "clip" / "final"),
         tokenizer=CLIPTokenizer.from_pretrained(runs / "clip" / "final"),
         unet=UNet2DConditionModel.from_pretrained(runs / "unet" / "final"),
@@ -71,8 +81,17 @@ def main() -> None:
         dense_captioner=shapes_dense_captioner(),
     )
     pipe.to(torch.float16)
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    pipe.save_pretrained(out / "pipeline")
+    shutil.rmtree(out / args.pipeline_name, ignore_errors=True)
+    pipe.save_pretrained(out / args.pipeline_name)
+    summary_path = out / "training_summary.json"
+    if args.pipeline_name != "pipeline":
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary[args.pipeline_name] = {name: _summary(runs / name) for name in ("clip", "unet")}
+        summary[args.pipeline_name]["vae"] = str(vae_path)
+        _load_as_float32(out / args.pipeline_name)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out / args.pipeline_name}")
+        return
     summary = {"pipeline": {name: _summary(runs / name) for name in ("vae", "clip", "unet")}}
 
     clip = CLIPModel.from_pretrained(runs / "clip" / "final").to(torch.float16)
