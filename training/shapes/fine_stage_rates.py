@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the JSON file to write")
     parser.add_argument("--model", default=None, help="a RealignDiffPipeline folder (default: the shipped shapes world)")
-    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=["held-out", "half-b", "hard"],
+                        help="in this order, half B is read from the held-out images when both are asked for")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run: 4 prompts per split, 1 seed (hard: 2 selection seeds), 2 steps")
@@ -189,7 +190,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             records, split_seeds = selected, hard_seeds
         else:
             records, split_seeds = (records[:limit] if limit else records), seeds
-        rows = run_jobs(pipe, [(r, s) for r in records for s in split_seeds], args.batch_size, generation)
+        held_out = result["splits"].get("held-out")
+        prompts = {r["prompt"] for r in records}
+        if (split == "half-b" and held_out is not None and held_out["seeds"] == split_seeds
+                and prompts <= {row["prompt"] for row in held_out["rows"]}):
+            # half B's images are among the held-out ones (same prompts, same seeds): read them from there
+            rows = [row for row in held_out["rows"] if row["prompt"] in prompts]
+        else:
+            rows = run_jobs(pipe, [(r, s) for r in records for s in split_seeds], args.batch_size, generation)
         entry.update(num_prompts=len(records), seeds=split_seeds, images=len(rows),
                      realigned=sum(r["realigned"] for r in rows), rates=rates(rows), rows=rows,
                      wall_s=round(time.time() - start, 1))
