@@ -5,7 +5,9 @@ change (checker summary, images fixed / broken, pixel change)."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,30 @@ def pixel_changes(before: Sequence[Any], after: Sequence[Any]) -> list[float]:
     """Mean absolute pixel difference (0-255) of each image pair."""
     return [float(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean())
             for b, a in zip(before, after, strict=True)]
+
+
+def load_pipeline(model: str | None = None, need_captioner: bool = False):
+    """A shapes-world pipeline without progress bars: a shipped world by name (None or ``"shapes"``,
+    ``"shapes-bow"``) or any `RealignDiffPipeline` folder."""
+    from realign_pipeline import RealignDiffPipeline
+    from realign_pipeline.shapes.pretrained import SHAPES_WORLDS, load_shapes_pipeline
+
+    if model is None or model in SHAPES_WORLDS:
+        pipe = load_shapes_pipeline(world=model or "shapes")
+    else:
+        pipe = RealignDiffPipeline.from_pretrained(model)
+    if need_captioner and pipe.dense_captioner is None:
+        raise SystemExit(f"{model}: no dense captioner saved with this pipeline; the fine stage needs one")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write `result` as indented JSON, making the folder; say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def pairing_key(objects: Sequence[dict[str, Any]]) -> str:

@@ -24,15 +24,13 @@ The protocol, fixed before any result was seen:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from ablation import GENERATION, paired_rates, pairing_key
+from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
 
 from realign_pipeline import Layout, Region
 from realign_pipeline.shapes.checker import check_prompt
@@ -71,6 +69,10 @@ def read(image, objects: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     return {"binding": checked["binding"], "presence": checked["presence"], "position": checked["position"]}
 
 
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def run_jobs(pipe, jobs: Sequence[tuple[dict[str, Any], int]], batch_size: int,
              generation: dict[str, Any]) -> list[dict[str, Any]]:
     """Coarse, fine and placebo read-outs of each (record, seed)."""
@@ -78,15 +80,12 @@ def run_jobs(pipe, jobs: Sequence[tuple[dict[str, Any], int]], batch_size: int,
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         prompts = [r["prompt"] for r, _ in chunk]
-
-        def generators():
-            return [torch.Generator().manual_seed(s) for _, s in chunk]
-
-        out = pipe(prompts, realign=True, generator=generators(), **generation)
+        seeds = [s for _, s in chunk]
+        out = pipe(prompts, realign=True, generator=_generators(seeds), **generation)
         placebo_images = list(out.coarse_images)
         layouts = [placebo_layout(out.layouts[i]) if out.realigned[i] else None for i in range(len(chunk))]
         if any(layout is not None for layout in layouts):
-            placebo = pipe(prompts, layout=layouts, generator=generators(), **generation)
+            placebo = pipe(prompts, layout=layouts, generator=_generators(seeds), **generation)
             placebo_images = [placebo.images[i] if layouts[i] is not None else out.coarse_images[i]
                               for i in range(len(chunk))]
         for i, (record, seed) in enumerate(chunk):
@@ -147,21 +146,11 @@ def hard_records(pipe, records: list[dict[str, Any]], seeds: Sequence[int], batc
     return [r for r in records if wrong[r["prompt"]] >= minimum], wrong
 
 
-def load_pipeline(model: str | None):
-    from realign_pipeline import RealignDiffPipeline
-    from realign_pipeline.shapes.pretrained import load_shapes_pipeline
-
-    pipe = load_shapes_pipeline() if model is None else RealignDiffPipeline.from_pretrained(model)
-    if pipe.dense_captioner is None:
-        raise SystemExit(f"{model}: no dense captioner saved with this pipeline; the fine stage needs one")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the JSON file to write")
-    parser.add_argument("--model", default=None, help="a RealignDiffPipeline folder (default: the shipped shapes world)")
+    parser.add_argument("--model", default=None,
+                        help="shapes (default), shapes-bow, or a RealignDiffPipeline folder")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=["held-out", "half-b", "hard"],
                         help="in this order, half B is read from the held-out images when both are asked for")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -174,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         generation["num_inference_steps"] = 2
         seeds, selection, hard_seeds, limit = [0], [0, 1], [100], 4
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, need_captioner=True)
     result: dict[str, Any] = {
         "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
         "model": args.model or "shapes", "generation": generation, "splits": {},
@@ -203,10 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      wall_s=round(time.time() - start, 1))
         result["splits"][split] = entry
         print(f"{split}: {len(rows)} images in {entry['wall_s']} s", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}", flush=True)
+    print(f"wrote {write_json(args.out, result)}", flush=True)
     return result
 
 

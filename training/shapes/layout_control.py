@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ablation import GENERATION, paired_rates, pairing_key
+from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
 
 from realign_pipeline import Layout, Region
 from realign_pipeline.shapes.checker import check_prompt, match_objects
@@ -150,15 +150,6 @@ def choose(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- commands --------------------------------------------------------------------------------------------------
-def load_pipeline(model: str | None):
-    from realign_pipeline import RealignDiffPipeline
-    from realign_pipeline.shapes.pretrained import load_shapes_pipeline
-
-    pipe = load_shapes_pipeline() if model is None else RealignDiffPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     pipe = load_pipeline(args.model)
     records = tuning_records(args.limit)
@@ -189,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     setting = args.setting
     if isinstance(setting, str):
         data = json.loads(Path(setting).read_text())
-        setting = data["chosen"] if "chosen" in data else data
+        setting = data.get("chosen", data)
     pipe = load_pipeline(args.model)
     records = evaluation_records(args.limit)
     jobs = [(r, s) for r in records for s in args.seeds]
@@ -215,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["sweep", "evaluate"])
     parser.add_argument("--out", required=True, help="the JSON file to write")
-    parser.add_argument("--model", default=None, help="a RealignDiffPipeline folder (default: the shipped shapes world)")
+    parser.add_argument("--model", default=None,
+                        help="shapes (default), shapes-bow, or a RealignDiffPipeline folder")
     parser.add_argument("--limit", type=int, default=None,
                         help="a seeded subset of this many prompts (default: sweep 48, evaluate all 192)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -242,10 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.generation = {"num_inference_steps": 2}
         args.grid = {"cross_attention_strength": [1.0, 4.0]}
     result = (sweep if args.command == "sweep" else evaluate)(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out} in {result['wall_s']} s", flush=True)
+    print(f"wrote {write_json(args.out, result)} in {result['wall_s']} s", flush=True)
     return result
 
 
