@@ -69,3 +69,19 @@ def test_quick_run_on_the_shapes_world(fine_stage_rates, tmp_path):
             with_value = sum(row["coarse"][metric] is not None for row in split["rows"])
             _check(entry["fine"], with_value)
             _check(entry["placebo"], with_value)
+
+
+def test_the_method_minus_placebo_rates_point_the_right_way(fine_stage_rates):
+    def row(coarse, fine, placebo, pairing):
+        return {"pairing": pairing, "coarse": {"binding": coarse, "presence": 1.0, "position": None},
+                "fine": {"binding": fine, "presence": 1.0, "position": None},
+                "placebo": {"binding": placebo, "presence": 1.0, "position": None}}
+
+    # coarse-wrong: the fine stage fixes 2 of 2, the placebo 0; coarse-right: the fine stage breaks 1 of 2, the placebo 0
+    rows = [row(0, 1, 0, "a"), row(0, 1, 0, "b"), row(1, 0, 1, "a"), row(1, 1, 1, "b")]
+    rates = fine_stage_rates.rates(rows)["binding"]
+    assert rates["fine"]["fix_rate"] == 1.0 and rates["placebo"]["fix_rate"] == 0.0
+    assert rates["fix_rate_minus_placebo"]["difference"] == 1.0
+    assert rates["fine"]["break_rate"] == 0.5 and rates["placebo"]["break_rate"] == 0.0
+    assert rates["break_rate_minus_placebo"]["difference"] == 0.5
+    assert "position" not in fine_stage_rates.rates(rows)  # no prompt named a side

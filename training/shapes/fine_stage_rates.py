@@ -100,7 +100,9 @@ def run_jobs(pipe, jobs: Sequence[tuple[dict[str, Any], int]], batch_size: int,
 
 
 def rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per metric: fine and placebo against the coarse image, and fine minus placebo on the same images."""
+    """Per metric: fine and placebo against the coarse image, and fine minus placebo on the same images (their
+    ``difference``: fix rate minus the placebo's among coarse-wrong images, break rate minus the placebo's among
+    coarse-right ones)."""
     result = {}
     for metric in METRICS:
         kept = [r for r in rows if r["coarse"][metric] is not None]
@@ -119,7 +121,7 @@ def rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "fix_rate_minus_placebo": paired_rates([placebo[i] for i in wrong], [fine[i] for i in wrong],
                                                    [groups[i] for i in wrong]) if wrong else None,
             # break rate of the fine stage minus the placebo's, on the coarse-right images
-            "break_rate_minus_placebo": paired_rates([1 - fine[i] for i in right], [1 - placebo[i] for i in right],
+            "break_rate_minus_placebo": paired_rates([1 - placebo[i] for i in right], [1 - fine[i] for i in right],
                                                      [groups[i] for i in right]) if right else None,
         }
     return result
