@@ -5,13 +5,16 @@
 #
 # SD v1.5's architecture with random weights (benchmarks/sd15_random.py: nothing is downloaded), 512x512,
 # 50 DDIM steps, float16, batch 1 and 4; plain vs layout-guided (defaults) vs modulation at every step,
-# interleaved, 2 warm-up + 5 timed rounds each; then the one-layer microbenchmark (seconds). Expected about
-# 3-4 minutes on an H100 (not yet run on one: the budget is ~8 minutes).
+# interleaved, 2 warm-up + 5 timed rounds each; then the one-layer microbenchmark (seconds); then peak memory
+# and time of one UNet step with CFG (plain / cross-attention modulation / + self-attention strength 0.3) at
+# SD 1.5's 512 px and SD 2.x's 768 px, one fresh process per configuration (bench_memory.py, about a minute).
+# Expected about 4-5 minutes on an H100 (not yet run on one: the budget is ~8 minutes).
 #
 # Installs nothing from the network. If diffusers is missing, it is installed from wheels carried in ./.whl or
 # ./wheels (pip install --no-index). torch and transformers must already be there.
 # Results: $OUT/bench_attention_sd15_fp16.json (every number) and .txt (the table), the same for
-# bench_processor (one cross-attention layer per UNet level, seconds), and $OUT/environment.txt.
+# bench_processor (one cross-attention layer per UNet level, seconds), bench_memory_$DTYPE.json/.txt (peak
+# torch.cuda.max_memory_allocated above the loaded UNet, per configuration), and $OUT/environment.txt.
 #
 # Dry run on a CPU at tiny shapes (checks the script end to end before spending GPU time):
 #
@@ -26,6 +29,8 @@ STEPS=${STEPS:-50}
 WARMUP=${WARMUP:-2}
 REPEATS=${REPEATS:-5}
 PROC_REPEATS=${PROC_REPEATS:-50}
+# bench_memory's shapes: SD 1.5 at 512 px and SD 2.x at 768 px (the tiny UNet for a dry run)
+MEM_SHAPES=${MEM_SHAPES:-$([ "$SHAPE" = tiny ] && echo tiny || echo "sd15 sd2")}
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -75,3 +80,7 @@ EOF
 
 "$PYTHON" benchmarks/bench_processor.py --device "$DEVICE" --dtype "$DTYPE" --images 1 4 --repeats "$PROC_REPEATS" \
     --json "$OUT/bench_processor_sd15_${DTYPE}.json" | tee "$OUT/bench_processor_sd15_${DTYPE}.txt"
+
+# shellcheck disable=SC2086  # MEM_SHAPES is a list of words
+"$PYTHON" benchmarks/bench_memory.py --device "$DEVICE" --dtype "$DTYPE" --shapes $MEM_SHAPES \
+    --json "$OUT/bench_memory_${DTYPE}.json" | tee "$OUT/bench_memory_${DTYPE}.txt"
