@@ -3,7 +3,8 @@
     python training/shapes/measure.py --models src/realign_pipeline/assets/shapes --out docs/shapes_numbers.json \
         --samples docs/images/shapes_samples.png
 
-``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
+``--only_generation`` measures only what the pipeline draws and what its text encoder sees (``--pipeline
+pipeline-bow`` for the second world). ``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
 and leaves the other numbers in ``--out`` as they are; ``--only_text_encoder`` likewise re-measures only what
 the pipeline's text encoder sees of binding (``text_encoder_binding``). ``--judges`` names the folder of the
 CLIP and BLIP-2 models that judge the images (default: ``--models``); the second world (``shapes-bow``) ships
@@ -156,6 +157,10 @@ def main() -> None:
                         help="re-measure only sees_colour_swaps (seconds) and keep the rest of --out as it is")
     parser.add_argument("--only_text_encoder", action="store_true",
                         help="re-measure only text_encoder_binding (seconds) and keep the rest of --out as it is")
+    parser.add_argument("--pipeline", default="pipeline",
+                        help="the pipeline folder under --models (pipeline-bow: the second world)")
+    parser.add_argument("--only_generation", action="store_true",
+                        help="measure only what the pipeline draws and what its text encoder sees of binding")
     parser.add_argument("--judges", default=None,
                         help="folder with the judging clip/, blip2-captioner/, blip2-itm/ (default: --models)")
     args = parser.parse_args()
@@ -170,8 +175,8 @@ def main() -> None:
         out = Path(args.out)
         result = json.loads(out.read_text()) if out.exists() else {}
         result["text_encoder_binding"] = text_encoder_binding(
-            CLIPTextModel.from_pretrained(models / "pipeline" / "text_encoder").eval(),
-            CLIPTokenizer.from_pretrained(models / "pipeline" / "tokenizer"), held_out)
+            CLIPTextModel.from_pretrained(models / args.pipeline / "text_encoder").eval(),
+            CLIPTokenizer.from_pretrained(models / args.pipeline / "tokenizer"), held_out)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["text_encoder_binding"], indent=2))
         return
@@ -186,10 +191,13 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["sees_colour_swaps"], indent=2))
         return
-    pipe = RealignDiffPipeline.from_pretrained(models / "pipeline")
+    pipe = RealignDiffPipeline.from_pretrained(models / args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     result: dict = {"perception": {}, "generation": {}}
-    for name, fn in (("checker", checker_accuracy), ("segmenter", segmenter_accuracy)):
+    if args.only_generation:
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+    for name, fn in () if args.only_generation else (("checker", checker_accuracy), ("segmenter", segmenter_accuracy)):
         result["perception"][name] = {
             "rendered_32": fn(num_scenes=args.scenes, size=32, seed=1),
             "rendered_64": fn(num_scenes=args.scenes, size=64, seed=1),
@@ -206,6 +214,11 @@ def main() -> None:
         "chance": {"single_shape": 1 / len(SHAPES), "single_colored_shape": 1 / (len(SHAPES) * len(COLORS))},
     }
     result["text_encoder_binding"] = text_encoder_binding(pipe.text_encoder.eval(), pipe.tokenizer, held_out)
+    if args.only_generation:
+        result["generation"]["wall_s"] = round(time.time() - start, 1)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result[k] for k in ("generation", "text_encoder_binding")}, indent=2))
+        return
 
     from transformers import CLIPModel, CLIPProcessor
 
