@@ -29,17 +29,18 @@ def pipe():
 
 
 def test_every_model_is_shipped_and_small():
-    total = 0
+    sizes = {}
     for name in SHAPES_MODELS:
         path = shapes_model_path(name)
-        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        sizes[name] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         for weights in path.rglob("*.safetensors"):
             from safetensors import safe_open
 
             with safe_open(str(weights), "pt") as f:
                 dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
             assert dtypes <= {"F16", "I64"}, (weights, dtypes)
-    assert total < 60e6
+    assert sum(size for name, size in sizes.items() if name != "pipeline-bow") < 60e6  # the first world
+    assert sizes["pipeline-bow"] < 25e6  # the second world ships only its pipeline
 
 
 def test_plain_from_pretrained_gives_float32_and_the_shapes_captioner():
@@ -165,3 +166,25 @@ def test_the_demo_takes_a_prompt_outside_the_caption_forms(tmp_path):
     assert "judges only the world's caption forms" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(row["coarse"]["binding"] is None and isinstance(row["coarse"]["seen"], list) for row in summary["images"])
+
+
+def test_the_second_world_loads_like_the_first_with_its_own_text_encoder():
+    """shapes-bow: the same VAE and captioner, a text encoder trained without colour-swapped negatives and a
+    UNet trained on it, through the same from_pretrained path; it draws what it is asked far above chance."""
+    bow = load_shapes_pipeline(world="shapes-bow")
+    bow.set_progress_bar_config(disable=True)
+    first = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline"))
+    assert {bow.unet.dtype, bow.vae.dtype, bow.text_encoder.dtype} == {torch.float32}
+    assert type(bow.dense_captioner.grounder).__name__ == "ShapesGrounder"
+    vae, first_vae = bow.vae.state_dict(), first.vae.state_dict()
+    assert all(torch.equal(vae[k], first_vae[k]) for k in vae)
+    first_text = first.text_encoder.state_dict()
+    assert any(not torch.equal(v, first_text[k]) for k, v in bow.text_encoder.state_dict().items())
+    with pytest.raises(ValueError, match="shapes-bow"):
+        load_shapes_pipeline(world="shapes-3")
+    prompts = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
+    images = bow(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(0)).images
+    hits = sum(any(d["shape"] == p.split()[2] and d["color"] == p.split()[1] for d in detect(image))
+               for p, image in zip(prompts, images))
+    assert hits / len(prompts) >= 0.4  # chance: 1/20

@@ -530,7 +530,8 @@ def _add_generate_parser(subparsers: Any) -> None:
     parser.add_argument("--out", default="outputs/generate", help="folder for the images, layouts and pictures")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x hub id or local "
-                       "folder; `shapes` = the trained shapes world shipped with the package (offline, CPU)")
+                       "folder; `shapes` = the trained shapes world shipped with the package (offline, CPU), `shapes-bow` its "
+                       "second world (a text encoder trained without colour-swapped negatives)")
     model.add_argument("--lora", metavar="ID_OR_PATH", help="LoRA weights (e.g. a ReFL LoRA) loaded with load_lora_weights")
     model.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
     model.add_argument("--dtype", choices=_DTYPES, help="(default: float16 on a GPU, float32 on the CPU)")
@@ -715,11 +716,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model = args.model
-    if model in ("shapes", "shapes:pipeline"):
-        from .shapes.pretrained import shapes_model_path
+    if model in ("shapes", "shapes:pipeline", "shapes-bow", "shapes:pipeline-bow"):
+        from .shapes.pretrained import SHAPES_WORLDS, shapes_model_path
 
         try:
-            model = str(shapes_model_path("pipeline"))
+            model = str(shapes_model_path(SHAPES_WORLDS.get(model) or model.removeprefix("shapes:")))
         except FileNotFoundError as error:
             raise CLIError(str(error)) from None
     try:

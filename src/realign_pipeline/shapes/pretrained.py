@@ -1,8 +1,10 @@
 """The trained shapes-world models shipped with the package (see docs/shapes.md for how they were made).
 
 ``shapes_model_path("pipeline")`` is a `RealignDiffPipeline` folder; ``"clip"`` the world's small CLIP;
-``"blip2-captioner"`` / ``"blip2-itm"`` its BLIP-2 captioner and matcher. The weights are stored in fp16
-to keep the package small; load them in float32 on a CPU (``load_shapes_pipeline`` does).
+``"blip2-captioner"`` / ``"blip2-itm"`` its BLIP-2 captioner and matcher. ``"pipeline-bow"`` is the second
+world (``shapes-bow``): the same scenes, but a text encoder trained without colour-swapped negatives, as
+OpenAI's CLIP was, and a UNet trained on it; it is judged by the first world's CLIP and BLIP-2. The weights are
+stored in fp16 to keep the package small; load them in float32 on a CPU (``load_shapes_pipeline`` does).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["SHAPES_MODELS", "load_shapes_pipeline", "shapes_model_path"]
+__all__ = ["SHAPES_MODELS", "SHAPES_WORLDS", "load_shapes_pipeline", "shapes_model_path"]
 
-SHAPES_MODELS = ("pipeline", "clip", "blip2-captioner", "blip2-itm")
+SHAPES_MODELS = ("pipeline", "clip", "blip2-captioner", "blip2-itm", "pipeline-bow")
+#: The worlds by the name the CLI and the presets use, and their pipeline folders.
+SHAPES_WORLDS = {"shapes": "pipeline", "shapes-bow": "pipeline-bow"}
 
 
 def shapes_model_path(name: str = "pipeline") -> Path:
@@ -31,9 +35,15 @@ def shapes_model_path(name: str = "pipeline") -> Path:
     return path
 
 
-def load_shapes_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """`RealignDiffPipeline.from_pretrained` on the shipped shapes-world folder, with its dense captioner."""
+def load_shapes_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, world: str = "shapes", **kwargs: Any
+):
+    """`RealignDiffPipeline.from_pretrained` on a shipped shapes-world folder, with its dense captioner.
+
+    `world` is ``"shapes"`` (the first world) or ``"shapes-bow"`` (the second, see the module docstring)."""
     from ..pipeline import RealignDiffPipeline
 
-    pipe = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline"), dtype=dtype, **kwargs)
+    if world not in SHAPES_WORLDS:
+        raise ValueError(f"unknown shapes world {world!r}; choose one of {tuple(SHAPES_WORLDS)}")
+    pipe = RealignDiffPipeline.from_pretrained(shapes_model_path(SHAPES_WORLDS[world]), dtype=dtype, **kwargs)
     return pipe.to(device)
