@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	$(VENV_PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), one torch thread each: the 2-core machine runs two test files at once.
+# --dist loadfile keeps each file's tests, and its module-scoped tiny models, in one worker.
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV_PY) -m pytest -q --durations=25 tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV_PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 demo: install
 	$(VENV)/bin/realigndiff demo
