@@ -523,31 +523,38 @@ class _ChatLLM:
         tags = _dedupe(list(tags))
         if not tags:
             return LLMResult([], self._source(fallback=False, reason=None, raw=None, attempts=0))
-        key = self.cache_key(prompt, tags)
+        return self._answer(
+            self.cache_key(prompt, tags),
+            build_messages(prompt, tags),
+            lambda raw: validate_answer(raw, prompt, tags),
+            REASK_MESSAGE,
+            LLMResult,
+            lambda reason, raw, attempts: self._fall_back(prompt, tags, reason, raw, attempts),
+            {"prompt": prompt, "tags": tags, "instruction_version": INSTRUCTION_VERSION},
+        )
 
-        def validate(raw: str | None) -> list[ObjectJudgement]:
-            return validate_answer(raw, prompt, tags)
-
+    def _answer(self, key: str, messages: list[dict[str, str]], validate: Callable[[str | None], Any],
+                reask_message: str, wrap: Callable[..., Any], fall_back: Callable[[str, str | None, int], Any],
+                cache_meta: dict[str, Any]) -> Any:
+        """The request flow :meth:`judge` and :meth:`relations` share: a cached answer, else the bounded requests
+        and re-asks of :meth:`_ask`, then ``wrap(answer, source)`` (cached) or ``fall_back(reason, raw, attempts)``."""
         cached = self._cache_read(key, validate)
         if cached is not None:
-            return LLMResult(*cached)
+            return wrap(*cached)
         unavailable = self._unavailable()
         if unavailable:
-            return self._fall_back(prompt, tags, unavailable, None, 0)
-        objects, reason, raw, attempts = self._ask(
-            build_messages(prompt, tags),
+            return fall_back(unavailable, None, 0)
+        answer, reason, raw, attempts = self._ask(
+            messages,
             validate,
-            lambda raw, error: build_messages(prompt, tags) + [
-                {"role": "assistant", "content": raw or ""},
-                {"role": "user", "content": REASK_MESSAGE.format(error=error)},
-            ],
+            lambda raw, error: [*messages, {"role": "assistant", "content": raw or ""},
+                                {"role": "user", "content": reask_message.format(error=error)}],
         )
         if reason is not None:
-            return self._fall_back(prompt, tags, reason, raw, attempts)
+            return fall_back(reason, raw, attempts)
         source = self._source(fallback=False, reason=None, raw=raw, attempts=attempts)
-        self._cache_write(key, objects, source,
-                          {"prompt": prompt, "tags": tags, "instruction_version": INSTRUCTION_VERSION})
-        return LLMResult(objects, source)
+        self._cache_write(key, answer, source, cache_meta)
+        return wrap(answer, source)
 
     def relations(self, prompt: str, phrases: list[str]) -> RelationResult:
         """The spatial relations `prompt` states between two of `phrases` (beyond the paper; after SLD).
@@ -559,31 +566,16 @@ class _ChatLLM:
         phrases = _dedupe(list(phrases))
         if len(phrases) < 2:
             return RelationResult([], self._source(fallback=False, reason=None, raw=None, attempts=0))
-        key = self.relations_cache_key(prompt, phrases)
-
-        def validate(raw: str | None) -> list[Relation]:
-            return validate_relations(raw, phrases)
-
-        cached = self._cache_read(key, validate)
-        if cached is not None:
-            return RelationResult(*cached)
-        unavailable = self._unavailable()
-        if unavailable:
-            return self._relations_fall_back(prompt, phrases, unavailable, None, 0)
-        found, reason, raw, attempts = self._ask(
+        return self._answer(
+            self.relations_cache_key(prompt, phrases),
             build_relation_messages(prompt, phrases),
-            validate,
-            lambda raw, error: build_relation_messages(prompt, phrases) + [
-                {"role": "assistant", "content": raw or ""},
-                {"role": "user", "content": RELATIONS_REASK_MESSAGE.format(error=error)},
-            ],
+            lambda raw: validate_relations(raw, phrases),
+            RELATIONS_REASK_MESSAGE,
+            RelationResult,
+            lambda reason, raw, attempts: self._relations_fall_back(prompt, phrases, reason, raw, attempts),
+            {"task": "relations", "prompt": prompt, "phrases": phrases,
+             "instruction_version": RELATIONS_INSTRUCTION_VERSION},
         )
-        if reason is not None:
-            return self._relations_fall_back(prompt, phrases, reason, raw, attempts)
-        source = self._source(fallback=False, reason=None, raw=raw, attempts=attempts)
-        self._cache_write(key, found, source, {"task": "relations", "prompt": prompt, "phrases": phrases,
-                                               "instruction_version": RELATIONS_INSTRUCTION_VERSION})
-        return RelationResult(found, source)
 
     def _relations_fall_back(self, prompt: str, phrases: list[str], reason: str, raw: str | None,
                              attempts: int) -> RelationResult:
