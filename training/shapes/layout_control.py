@@ -150,13 +150,32 @@ def choose(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- commands --------------------------------------------------------------------------------------------------
-def sweep(args: argparse.Namespace) -> dict[str, Any]:
+def _run_header(args: argparse.Namespace, prompts: str, records: list[dict[str, Any]], images: int) -> dict[str, Any]:
+    """What every output file starts with: the protocol, the prompts and seeds, the sampling settings."""
+    return {
+        "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
+        "prompts": prompts, "num_prompts": len(records), "seeds": args.seeds, "images": images,
+        "generation": {**GENERATION, **(args.generation or {})},
+    }
+
+
+def _plain_run(args: argparse.Namespace, records: list[dict[str, Any]]):
+    """The pipeline, the (record, seed) jobs, their pairings, the plain model's read-outs and when generation
+    started (the run's wall time leaves the model load out)."""
     pipe = load_pipeline(args.model)
-    records = tuning_records(args.limit)
     jobs = [(r, s) for r in records for s in args.seeds]
     groups = [pairing_key(r["objects"]) for r, _ in jobs]
     start = time.time()
-    base = measure(pipe, jobs, None, args.batch_size, args.generation)
+    return pipe, jobs, groups, measure(pipe, jobs, None, args.batch_size, args.generation), start
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {m: round(float(np.mean([r[m] for r in rows])), 4) for m in METRICS}
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    records = tuning_records(args.limit)
+    pipe, jobs, groups, base, start = _plain_run(args, records)
     results = []
     for setting in grid_settings(args.grid):
         rows = measure(pipe, jobs, setting, args.batch_size, args.generation)
@@ -165,11 +184,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{setting}: " + ", ".join(f"{m} {paired[m]['after']:.3f}" for m in METRICS), flush=True)
     chosen = choose(results)
     return {
-        "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
-        "prompts": "training pairings", "num_prompts": len(records), "seeds": args.seeds, "images": len(jobs),
-        "generation": {**GENERATION, **(args.generation or {})},
-        "base": {m: round(float(np.mean([b[m] for b in base])), 4) for m in METRICS},
-        "results": results, "chosen": chosen["setting"],
+        **_run_header(args, "training pairings", records, len(jobs)),
+        "base": _means(base), "results": results, "chosen": chosen["setting"],
         "sides": [{"prompt": r["prompt"], "sides": [o["side"] for o in r["objects"]], "drawn": r["sides_drawn"]}
                   for r in records],
         "wall_s": round(time.time() - start, 1),
@@ -181,22 +197,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(setting, str):
         data = json.loads(Path(setting).read_text())
         setting = data.get("chosen", data)
-    pipe = load_pipeline(args.model)
     records = evaluation_records(args.limit)
-    jobs = [(r, s) for r in records for s in args.seeds]
-    groups = [pairing_key(r["objects"]) for r, _ in jobs]
-    start = time.time()
-    base = measure(pipe, jobs, None, args.batch_size, args.generation)
+    pipe, jobs, groups, base, start = _plain_run(args, records)
     rows = measure(pipe, jobs, setting, args.batch_size, args.generation)
     by_form = {}
     for form in sorted({r["form"] for r, _ in jobs}):
         index = [i for i, (r, _) in enumerate(jobs) if r["form"] == form]
         by_form[form] = compare([base[i] for i in index], [rows[i] for i in index], [groups[i] for i in index])
     return {
-        "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
-        "prompts": "held-out pairings", "num_prompts": len(records), "seeds": args.seeds, "images": len(jobs),
-        "generation": {**GENERATION, **(args.generation or {})}, "setting": setting,
-        "base": {m: round(float(np.mean([b[m] for b in base])), 4) for m in METRICS},
+        **_run_header(args, "held-out pairings", records, len(jobs)), "setting": setting, "base": _means(base),
         "with_layout": compare(base, rows, groups), "by_form": by_form,
         "wall_s": round(time.time() - start, 1),
     }
