@@ -123,6 +123,29 @@ def test_weights_match_a_direct_reading_of_eq8():
             assert self_neg[q, k] == pytest.approx(float(expect_neg), abs=1e-5)
 
 
+def test_suppressing_unclaimed_tokens_pushes_them_down_inside_regions_only():
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.rand(2, 6, generator=generator)
+    masks[:, 0] = 0.0  # a background query
+    token_map = torch.zeros(2, 7)
+    token_map[0, 2] = token_map[1, 4] = 1.0
+    s, areas, w = torch.tensor([2.0, 0.5]), torch.tensor([0.2, 0.4]), 1.0
+    pos, neg = cross_attention_modulation_weights(token_map, masks, s, areas, w)
+    pos_u, neg_u = cross_attention_modulation_weights(token_map, masks, s, areas, w, suppress_unclaimed_tokens=True)
+    assert torch.equal(pos_u, pos)
+    claimed, unclaimed = [2, 4], [0, 1, 3, 5, 6]
+    assert torch.equal(neg_u[:, claimed], neg[:, claimed])
+    assert neg[:, unclaimed].abs().max() == 0
+    for q in range(6):
+        expect = sum(float(s[r] * (1 - w * areas[r]) * masks[r, q]) for r in range(2))
+        assert neg_u[q, unclaimed].tolist() == pytest.approx([expect] * len(unclaimed), abs=1e-6)
+    assert neg_u[0, unclaimed].abs().max() == 0  # no region at the background query: nothing more pushed
+    zero_pos, zero_neg = cross_attention_modulation_weights(
+        token_map, masks, torch.zeros(2), areas, w, suppress_unclaimed_tokens=True
+    )
+    assert zero_pos.abs().max() == 0 and zero_neg.abs().max() == 0
+
+
 def test_modulation_moves_toward_row_max_and_min_per_head():
     scores = torch.tensor([[[[0.0, 1.0, 4.0]], [[2.0, -2.0, 0.0]]]])  # (1, 2 heads, 1 query, 3 keys)
     positive = torch.tensor([[1.0, 0.0, 0.0]])

@@ -121,6 +121,9 @@ def test_layout_changes_the_image_and_strength_zero_does_not(pipe):
     assert np.array_equal(run(pipe, layout=LAYOUT, modulation_fraction=0.0).images, plain)
     zero_scores = Layout([Region(r.phrase, box=r.box, score=0.0) for r in LAYOUT])
     torch.testing.assert_close(run(pipe, layout=zero_scores).images, plain, atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        run(pipe, layout=zero_scores, suppress_unclaimed_tokens=True).images, plain, atol=2e-5, rtol=0
+    )
 
 
 def first_step_maps(pipeline, **kwargs) -> list[dict]:
@@ -228,7 +231,9 @@ def test_bad_arguments_are_clear_errors(pipe, kwargs, message):
 
 def test_options_change_the_result(pipe):
     base = run(pipe, layout=LAYOUT).images
-    for option in ({"self_attention_strength": 0.3}, {"replace_phrase_embeddings": True}, {"size_weight": 0.0}):
+    options = ({"self_attention_strength": 0.3}, {"replace_phrase_embeddings": True}, {"size_weight": 0.0},
+               {"suppress_unclaimed_tokens": True})
+    for option in options:
         assert np.abs(run(pipe, layout=LAYOUT, **option).images - base).max() > 1e-4, option
 
 

@@ -55,6 +55,7 @@ def cross_attention_modulation_weights(
     region_scores: torch.Tensor,
     areas: torch.Tensor,
     size_weight: float = 1.0,
+    suppress_unclaimed_tokens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two weight maps of Eq. 8 for cross-attention, ``S R (1 - B)`` and ``S (1 - R) (1 - B)``.
 
@@ -64,14 +65,23 @@ def cross_attention_modulation_weights(
         region_scores: ``s`` of Eq. 6, (num_regions,).
         areas: fraction of the image each region covers, (num_regions,).
         size_weight: weight of the area in the size term ``1 - size_weight * area``.
+        suppress_unclaimed_tokens: also push down, at every query inside a region and with that region's
+            weight, the keys no region claims (start, end, padding, "a", "and"), as DenseDiffusion does.
 
     Returns:
         ``(positive, negative)``, each (num_queries, num_keys): summed over regions,
-        ``positive = sum_r s_r (1 - w a_r) m_r[q] R_r[k]`` and ``negative = sum_r s_r (1 - w a_r) (1 - m_r[q]) R_r[k]``.
+        ``positive = sum_r s_r (1 - w a_r) m_r[q] R_r[k]`` and ``negative = sum_r s_r (1 - w a_r) (1 - m_r[q]) R_r[k]``,
+        plus, with `suppress_unclaimed_tokens`, ``sum_r s_r (1 - w a_r) m_r[q]`` on every unclaimed key. Either way
+        a layout whose scores are all 0 gives zero maps.
     """
     weight = region_scores * size_factor(areas, size_weight)  # (N,)
     positive = (masks * weight[:, None]).T @ token_map
     negative = ((1.0 - masks) * weight[:, None]).T @ token_map
+    if suppress_unclaimed_tokens:
+        # In a causal text encoder the end and padding tokens carry the whole prompt, every object in it; left
+        # alone they keep most of a region's attention (docs/shapes.md, "Why layout control stops short").
+        unclaimed = (token_map.sum(0) == 0).to(negative)
+        negative = negative + (masks * weight[:, None]).sum(0)[:, None] * unclaimed[None, :]
     return positive, negative
 
 
@@ -227,6 +237,7 @@ class RealignAttentionState:
     size_weight: float = 1.0
     timestep_power: float = 5.0
     modulation_fraction: float = 0.3
+    suppress_unclaimed_tokens: bool = False
     record_attention_maps: bool = False
     step_index: int = 0
     l_t: float = 0.0
@@ -274,7 +285,7 @@ class RealignAttentionState:
             else:
                 pos, neg = cross_attention_modulation_weights(
                     layout.token_map(num_keys), layout.masks_at(height, width), layout.scores(), layout.areas(),
-                    self.size_weight,
+                    self.size_weight, self.suppress_unclaimed_tokens,
                 )
             positives.append(pos)
             negatives.append(neg)

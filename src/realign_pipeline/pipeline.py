@@ -507,6 +507,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         modulation_fraction: float = 0.3,
         timestep_power: float = 5.0,
         size_weight: float = 1.0,
+        suppress_unclaimed_tokens: bool = False,
         replace_phrase_embeddings: bool = False,
         strict_layout: bool = False,
         return_attention_maps: bool = False,
@@ -532,6 +533,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 ``l_t = (t / T) ** timestep_power`` (DenseDiffusion: ``(t / 1000) ** 5``).
             size_weight (`float`, defaults to 1.0):
                 Weight of the area in the size term ``1 - size_weight * area`` (the paper's ``(1 - B)``).
+            suppress_unclaimed_tokens (`bool`, defaults to False):
+                Inside each region, also push down the tokens no region claims (start, end, padding, "a",
+                "and"), as DenseDiffusion does; Eq. 8 as written leaves them alone. Regions of score 0 still
+                change nothing.
             replace_phrase_embeddings (`bool`, defaults to False):
                 DenseDiffusion's trick: each phrase's tokens take the embeddings of the phrase encoded alone.
             strict_layout (`bool`, defaults to False):
@@ -690,6 +695,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 size_weight=size_weight,
                 timestep_power=timestep_power,
                 modulation_fraction=modulation_fraction,
+                suppress_unclaimed_tokens=suppress_unclaimed_tokens,
                 record_attention_maps=return_attention_maps,
             )
 

@@ -65,6 +65,7 @@ REALIGN_KWARGS = (
     "modulation_fraction",
     "timestep_power",
     "size_weight",
+    "suppress_unclaimed_tokens",
     "replace_phrase_embeddings",
     "strict_layout",
 )
