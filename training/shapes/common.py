@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from realign_pipeline.shapes.world import train_batch
+from realign_pipeline.shapes import triples, world
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -26,7 +26,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max_train_steps", type=int, default=3000)
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=None, help="image side; default: the scenes' (32 or 48)")
+    parser.add_argument(
+        "--scenes", choices=("pairs", "triples"), default="pairs",
+        help="pairs: the world of one or two objects at 32 px; triples: up to three objects at 48 px",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--log_steps", type=int, default=50)
@@ -36,6 +40,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
+    if args.resolution is None:
+        args.resolution = triples.RESOLUTION if args.scenes == "triples" else 32
     out = Path(args.output_dir)
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     return out
@@ -96,5 +102,6 @@ class Logger:
 
 
 def batch(rng: random.Random, args: argparse.Namespace) -> tuple[torch.Tensor, list[str], list[Any]]:
-    images, captions, scenes = train_batch(rng, args.train_batch_size, args.resolution)
+    sampler = triples.train_batch if getattr(args, "scenes", "pairs") == "triples" else world.train_batch
+    images, captions, scenes = sampler(rng, args.train_batch_size, args.resolution)
     return images_to_tensor(images), captions, scenes

@@ -40,11 +40,18 @@ VALIDATION_PROMPTS = [
     "a red circle and a blue square", "a green triangle to the left of a purple cross",
     "a yellow square with a red triangle", "a blue cross to the right of a green circle",
 ]
+TRIPLE_VALIDATION_PROMPTS = [
+    "a red circle", "a blue square", "a green triangle to the left of a purple cross",
+    "a yellow square with a red triangle", "a red circle, a blue square and a green cross",
+    "a yellow triangle with a purple circle and a red square",
+    "a blue cross to the left of a yellow circle and a green square",
+    "a purple square to the right of a red triangle and a blue circle",
+]
 
 
-def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+def make_unet(cross_attention_dim: int, resolution: int = 32) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=resolution // 4,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
@@ -64,15 +71,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def validate(pipe: StableDiffusionPipeline, out: Path, step: int, seeds: int = 4) -> dict:
-    prompts = [p for p in VALIDATION_PROMPTS for _ in range(seeds)]
+def validate(
+    pipe: StableDiffusionPipeline, out: Path, step: int, seeds: int = 4, validation_prompts: list[str] = VALIDATION_PROMPTS,
+    size: int = 32,
+) -> dict:
+    prompts = [p for p in validation_prompts for _ in range(seeds)]
     generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=20, guidance_scale=4.0, generator=generator, output_type="np",
-                  height=32, width=32).images
+                  height=size, width=size).images
     images = (images * 255).round().astype(np.uint8)
-    grid = PIL.Image.new("RGB", (32 * seeds, 32 * len(VALIDATION_PROMPTS)))
+    grid = PIL.Image.new("RGB", (size * seeds, size * len(validation_prompts)))
     for i, image in enumerate(images):
-        grid.paste(PIL.Image.fromarray(image), ((i % seeds) * 32, (i // seeds) * 32))
+        grid.paste(PIL.Image.fromarray(image), ((i % seeds) * size, (i // seeds) * size))
     (out / "samples").mkdir(exist_ok=True)
     grid.resize((grid.width * 4, grid.height * 4), PIL.Image.Resampling.NEAREST).save(out / "samples" / f"{step:06d}.png")
     try:
@@ -112,7 +122,7 @@ def main() -> None:
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(args.clip).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(args.clip)
-    unet = make_unet(text_encoder.config.hidden_size)
+    unet = make_unet(text_encoder.config.hidden_size, args.resolution)
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -160,7 +170,8 @@ def main() -> None:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             ckpt.save(step, rng)
         if args.validation_steps and (step % args.validation_steps == 0 or step == args.max_train_steps):
-            logger.log(step, **validate(pipe, out, step))
+            prompts = TRIPLE_VALIDATION_PROMPTS if args.scenes == "triples" else VALIDATION_PROMPTS
+            logger.log(step, **validate(pipe, out, step, validation_prompts=prompts, size=args.resolution))
     ema.save_pretrained(out / "final")
     with open(out / "final" / "training_args.json", "w") as f:
         json.dump(vars(args), f, indent=2)

@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 
 from .checker import check_prompt
+from .triples import TRIPLE_FORMS
 from .world import CAPTION_FORMS, COLORS, SHAPES
 
 __all__ = ["FIELDS", "ShapesAlignmentScore", "parse_shapes_prompt"]
@@ -33,7 +34,8 @@ FIELDS = ("binding", "presence", "binding_fraction", "position")
 
 @lru_cache(maxsize=1)
 def _patterns() -> list[tuple[str, re.Pattern[str]]]:
-    """(form, regex) for every caption form and the single-object form; phrases are named groups."""
+    """(template, regex) for every caption form of both scene kinds (two objects, three objects) and the
+    single-object form; phrases are named groups."""
     colors = "|".join(sorted(COLORS, key=len, reverse=True))
     shapes = "|".join(sorted(SHAPES, key=len, reverse=True))
 
@@ -41,13 +43,13 @@ def _patterns() -> list[tuple[str, re.Pattern[str]]]:
         return rf"an?\s+(?P<{name}_color>{colors})\s+(?P<{name}_shape>{shapes})"
 
     out = []
-    for form, template in CAPTION_FORMS.items():
-        regex = re.escape(template).replace(r"\ ", r"\s+")
+    for template in [*CAPTION_FORMS.values(), *TRIPLE_FORMS.values()]:
+        regex = re.escape(template).replace(r"\ ", r"\s+").replace(",", r"\s*,")
         # the templates write the article before each slot ("a {a}"): the phrase pattern brings its own
-        for slot in ("a", "b", "left", "right"):
+        for slot in ("a", "b", "c", "left", "right"):
             regex = regex.replace(rf"a\s+\{{{slot}\}}", phrase(slot))
-        out.append((form, re.compile(rf"^\s*{regex}\s*\.?\s*$", re.IGNORECASE)))
-    out.append(("single", re.compile(rf"^\s*{phrase('a')}\s*\.?\s*$", re.IGNORECASE)))
+        out.append((template, re.compile(rf"^\s*{regex}\s*\.?\s*$", re.IGNORECASE)))
+    out.append(("a {a}", re.compile(rf"^\s*{phrase('a')}\s*\.?\s*$", re.IGNORECASE)))
     return out
 
 
@@ -55,17 +57,18 @@ def parse_shapes_prompt(prompt: str) -> list[dict[str, Any]]:
     """The objects a shapes-world caption names: ``[{"color", "shape", "side"}]`` in order of mention.
 
     Understands every form of :data:`~realign_pipeline.shapes.world.CAPTION_FORMS` ("a X and a Y", "a X with
-    a Y", "a X to the left of a Y", "a X to the right of a Y") and single objects ("a X"); case, extra spaces
-    and a final period do not matter. ``side`` is ``"left"`` / ``"right"`` for the positional forms, else
+    a Y", "a X to the left of a Y", "a X to the right of a Y"), of the three-object scenes'
+    :data:`~realign_pipeline.shapes.triples.TRIPLE_FORMS` ("a X, a Y and a Z", ...) and single objects ("a X");
+    case, extra spaces and a final period do not matter. ``side`` is ``"left"`` / ``"right"`` for the positional forms, else
     ``None``. Anything else raises ``ValueError``.
     """
     text = str(prompt)
-    for form, pattern in _patterns():
+    for template, pattern in _patterns():
         match = pattern.match(text)
         if match is None:
             continue
         groups = {k: v.lower() for k, v in match.groupdict().items()}
-        slots = re.findall(r"\{(\w+)\}", CAPTION_FORMS.get(form, "{a}"))  # order of mention
+        slots = re.findall(r"\{(\w+)\}", template)  # order of mention
         side = {"left": "left", "right": "right"}
         return [
             {"color": groups[f"{s}_color"], "shape": groups[f"{s}_shape"], "side": side.get(s)} for s in slots
