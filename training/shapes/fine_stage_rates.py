@@ -2,6 +2,8 @@
 
     python training/shapes/fine_stage_rates.py --out docs/shapes_fine_stage_rates.json [--model shapes-bow] \
         [--splits half-b held-out hard]
+    python training/shapes/fine_stage_rates.py --out docs/shapes_triples_fine_stage_rates.json \
+        --model shapes-triples --splits held-out half-b
 
 For every (prompt, seed): the coarse image, the dense caption and the fine image of ``realign=True``, and a
 **placebo**: the same fine pass from the same noise with the phrases of the captioned layout exchanged between
@@ -19,6 +21,10 @@ The protocol, fixed before any result was seen:
 - Splits: ``half-b`` (the held-out pairings' half B, all forms, seeds 0-2), ``held-out`` (all 24 held-out
   pairings, seeds 0-2), ``hard`` (held-out prompts whose plain image binds wrong on at least 3 of seeds 0-9,
   scored on seeds 100-109, so that selection does not regress to the mean).
+- The three-object world (``--model shapes-triples``, 48 px): its held-out triples (those containing a held-out
+  pairing) in all four forms, **seed 0 only** (480 prompts already; the CPU budget), half B the triples whose
+  held-out pairings all lie in half B; ``hard``: the held-out "and" prompts selected on seeds 0-9 as above,
+  scored on seeds 100-109. Bootstraps cluster by triple.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
 
 from realign_pipeline import Layout, Region
+from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.world import held_out_halves, held_out_prompts, pairing_prompts
 
 SPLITS = ("half-b", "held-out", "hard")
 EVALUATION_SEEDS = [0, 1, 2]
+TRIPLE_EVALUATION_SEEDS = [0]
 SELECTION_SEEDS = list(range(10))
 HARD_SEEDS = list(range(100, 110))
 #: A prompt is hard when its plain image binds wrong on at least this many of the selection seeds.
@@ -45,11 +53,12 @@ HARD_MIN_WRONG = 3
 METRICS = ("binding", "presence", "position")
 
 
-def placebo_layout(layout: Layout | Any) -> Layout:
+def placebo_layout(layout: Layout | Any, size: int = 32) -> Layout:
     """The captioned layout with its phrases exchanged between its regions (rotated by one), or, with a single
-    region, that region's mask mirrored left to right: the same amount of modulation, aimed wrong."""
+    region, that region's mask mirrored left to right: the same amount of modulation, aimed wrong. A region
+    given by a box alone is rasterised at `size` (the world's image side)."""
     regions = list(layout.regions)
-    masks = [_mask(r) for r in regions]
+    masks = [_mask(r, size) for r in regions]
     if len(regions) == 1:
         masks = [masks[0][:, ::-1].copy()]
         phrases = [regions[0].phrase]
@@ -58,9 +67,9 @@ def placebo_layout(layout: Layout | Any) -> Layout:
     return Layout([Region(p, mask=m, score=r.score, tag=r.tag) for p, m, r in zip(phrases, masks, regions)])
 
 
-def _mask(region: Region) -> np.ndarray:
-    """The region's mask at its own size (a box-only region: its coverage of a 32x32 grid, the world's size)."""
-    height, width = np.asarray(region.mask).shape[-2:] if region.mask is not None else (32, 32)
+def _mask(region: Region, size: int) -> np.ndarray:
+    """The region's mask at its own size (a box-only region: its coverage of a `size` x `size` grid)."""
+    height, width = np.asarray(region.mask).shape[-2:] if region.mask is not None else (size, size)
     return np.asarray(region.mask_at(height, width), dtype=np.float32)
 
 
@@ -83,7 +92,8 @@ def run_jobs(pipe, jobs: Sequence[tuple[dict[str, Any], int]], batch_size: int,
         seeds = [s for _, s in chunk]
         out = pipe(prompts, realign=True, generator=_generators(seeds), **generation)
         placebo_images = list(out.coarse_images)
-        layouts = [placebo_layout(out.layouts[i]) if out.realigned[i] else None for i in range(len(chunk))]
+        side = generation.get("height", 32)
+        layouts = [placebo_layout(out.layouts[i], side) if out.realigned[i] else None for i in range(len(chunk))]
         if any(layout is not None for layout in layouts):
             placebo = pipe(prompts, layout=layouts, generator=_generators(seeds), **generation)
             placebo_images = [placebo.images[i] if layouts[i] is not None else out.coarse_images[i]
@@ -127,7 +137,11 @@ def rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def split_records(split: str) -> list[dict[str, Any]]:
+def split_records(split: str, scene_kind: str = "pairs") -> list[dict[str, Any]]:
+    if scene_kind == "triples":
+        if split == "half-b":
+            return triples.triple_prompts(triples.triple_halves()[1])
+        return triples.held_out_triple_prompts(("and",) if split == "hard" else None)
     if split == "half-b":
         return pairing_prompts(held_out_halves()[1])
     return held_out_prompts()
@@ -155,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="shapes (default), shapes-bow, or a RealignDiffPipeline folder")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=["held-out", "half-b", "hard"],
                         help="in this order, half B is read from the held-out images when both are asked for")
+    parser.add_argument("--scene_kind", choices=("pairs", "triples"), default=None,
+                        help="the world's scenes (default: triples for shapes-triples, else pairs)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run: 4 prompts per split, 1 seed (hard: 2 selection seeds), 2 steps")
@@ -162,17 +178,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     generation = dict(GENERATION)
     seeds, selection, hard_seeds, limit = EVALUATION_SEEDS, SELECTION_SEEDS, HARD_SEEDS, None
+    scene_kind = args.scene_kind or ("triples" if args.model == "shapes-triples" else "pairs")
+    if scene_kind == "triples":
+        generation.update(height=triples.RESOLUTION, width=triples.RESOLUTION)
+        seeds = TRIPLE_EVALUATION_SEEDS
     if args.quick:
         generation["num_inference_steps"] = 2
         seeds, selection, hard_seeds, limit = [0], [0, 1], [100], 4
     pipe = load_pipeline(args.model, need_captioner=True)
     result: dict[str, Any] = {
         "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
-        "model": args.model or "shapes", "generation": generation, "splits": {},
+        "model": args.model or "shapes", "scene_kind": scene_kind, "generation": generation, "splits": {},
     }
     for split in args.splits:
         start = time.time()
-        records = split_records(split)
+        records = split_records(split, scene_kind)
         entry: dict[str, Any] = {}
         if split == "hard":
             selected, wrong = hard_records(pipe, records[:limit] if limit else records, selection, args.batch_size,

@@ -4,7 +4,9 @@
         --samples docs/images/shapes_samples.png
 
 ``--only_generation`` measures only what the pipeline draws and what its text encoder sees (``--pipeline
-pipeline-bow`` for the second world). ``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
+pipeline-bow`` for the second world; add ``--scene_kind triples`` for a pipeline of the three-object scenes, at 48 px:
+single objects, two-object training pairings, and 192 training and 192 held-out three-object prompts, a seeded
+sample of each). ``--only_colour_swaps`` re-measures only the BLIP-2 colour-swap preferences (``sees_colour_swaps``, seconds)
 and leaves the other numbers in ``--out`` as they are; ``--only_text_encoder`` likewise re-measures only what
 the pipeline's text encoder sees of binding (``text_encoder_binding``). ``--judges`` names the folder of the
 CLIP and BLIP-2 models that judge the images (default: ``--models``); the second world (``shapes-bow``) ships
@@ -34,6 +36,8 @@ from realign_pipeline import RealignDiffPipeline
 from realign_pipeline.shapes.checker import check_prompt, checker_accuracy
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.perception import segmenter_accuracy
+from realign_pipeline.shapes import triples
+from realign_pipeline.shapes.triples import held_out_triple_prompts, training_triple_prompts
 from realign_pipeline.shapes.world import COLORS, SHAPES, held_out_prompts, render_scene, sample_scene
 
 #: The guidance the UNet was validated with and the shapes presets use.
@@ -50,12 +54,12 @@ def vae_round_trip(vae):
     return transform
 
 
-def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 32) -> dict:
+def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 32, size: int = 32) -> dict:
     rows = []
     jobs = [(p, s) for p in prompts for s in seeds]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
-        images = pipe([p for p, _ in chunk], height=32, width=32, num_inference_steps=20, guidance_scale=GUIDANCE,
+        images = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=20, guidance_scale=GUIDANCE,
                       generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
         for (prompt, _), image in zip(chunk, images):
             rows.append(check_prompt(image, parse_shapes_prompt(prompt)))
@@ -68,8 +72,9 @@ def generation_scores(pipe, prompts: list[str], seeds: list[int], batch: int = 3
 
 
 def colour_swap(prompt: str) -> str:
-    """The prompt with its two colours exchanged ("a red circle and a blue square" -> blue circle, red square)."""
-    a, b = [o["color"] for o in parse_shapes_prompt(prompt)]
+    """The prompt with its first two colours exchanged ("a red circle and a blue square" -> blue circle, red
+    square; a three-object prompt keeps its third colour)."""
+    a, b = [o["color"] for o in parse_shapes_prompt(prompt)][:2]
     return prompt.replace(a, "@").replace(b, a).replace("@", b)
 
 
@@ -146,6 +151,23 @@ def swap_preferences(reward, itm_path: Path, num_scenes: int = 200) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def triple_generation(pipe, singles: list[str], seeds: list[int], sample: int = 192) -> dict:
+    """What a pipeline of the three-object scenes draws (plain, 48 px): single objects, two-object training
+    pairings, and a seeded sample of training and held-out three-object prompts, each with seeds 0-1."""
+    rng = random.Random(7)
+    pairs = [triples.sample_scene(rng, num_objects=2).caption for _ in range(sample // 2)]
+    training = [r["prompt"] for r in random.Random(0).sample(training_triple_prompts(), sample)]
+    held_out = [r["prompt"] for r in random.Random(0).sample(held_out_triple_prompts(), sample)]
+    size = triples.RESOLUTION
+    return {
+        "single_objects": generation_scores(pipe, singles, seeds, size=size),
+        "two_objects_training_pairings": generation_scores(pipe, pairs, seeds[:2], size=size),
+        "three_objects_training_triples": generation_scores(pipe, training, seeds[:2], size=size),
+        "three_objects_held_out_triples": generation_scores(pipe, held_out, seeds[:2], size=size),
+        "chance": {"single_shape": 1 / len(SHAPES), "single_colored_shape": 1 / (len(SHAPES) * len(COLORS))},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", required=True)
@@ -161,6 +183,8 @@ def main() -> None:
                         help="the pipeline folder under --models (pipeline-bow: the second world)")
     parser.add_argument("--only_generation", action="store_true",
                         help="measure only what the pipeline draws and what its text encoder sees of binding")
+    parser.add_argument("--scene_kind", choices=("pairs", "triples"), default="pairs",
+                        help="with --only_generation: the world of the pipeline (triples: three-object scenes, 48 px)")
     parser.add_argument("--judges", default=None,
                         help="folder with the judging clip/, blip2-captioner/, blip2-itm/ (default: --models)")
     args = parser.parse_args()
@@ -205,6 +229,14 @@ def main() -> None:
         }
     seeds = list(range(args.seeds))
     singles = [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    if args.scene_kind == "triples":
+        result["generation"] = triple_generation(pipe, singles, seeds)
+        result["text_encoder_binding"] = text_encoder_binding(
+            pipe.text_encoder.eval(), pipe.tokenizer, [r["prompt"] for r in held_out_triple_prompts()])
+        result["generation"]["wall_s"] = round(time.time() - start, 1)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result[k] for k in ("generation", "text_encoder_binding")}, indent=2))
+        return
     rng = random.Random(7)
     held_in = [sample_scene(rng, split="train", num_objects=2).caption for _ in range(len(held_out))]
     result["generation"] = {

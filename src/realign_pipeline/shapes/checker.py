@@ -248,13 +248,15 @@ def checker_accuracy(
     size: int = 32,
     seed: int = 0,
     transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+    sample: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
-    """How often :func:`detect` reads rendered scenes right (through `transform`, e.g. a VAE round trip).
+    """How often :func:`detect` reads rendered scenes right (through `transform`, e.g. a VAE round trip), scenes
+    drawn by `sample` (default: the two-object world's, see :func:`~realign_pipeline.shapes.world.reading_accuracy`).
 
     Each true object is matched to the nearest detection within a quarter of the image; a scene is exact
     when the number of detections equals the number of objects and every object's colour and shape are right.
     """
     return reading_accuracy(
         lambda image: [(d["color"], d["shape"], d["cx"], d["cy"]) for d in detect(image)],
-        num_scenes, size, seed, transform,
+        num_scenes, size, seed, transform, sample,
     )

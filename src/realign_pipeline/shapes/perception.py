@@ -411,13 +411,16 @@ def shapes_dense_captioner(**kwargs: Any) -> DenseCaptioner:
     return DenseCaptioner(**kwargs)
 
 
-def segmenter_accuracy(num_scenes: int = 200, size: int = 32, seed: int = 0, transform: Any = None) -> dict[str, float]:
-    """Accuracy of :func:`segment_objects` on rendered scenes (optionally passed through `transform`).
+def segmenter_accuracy(
+    num_scenes: int = 200, size: int = 32, seed: int = 0, transform: Any = None, sample: Any = None
+) -> dict[str, float]:
+    """Accuracy of :func:`segment_objects` on rendered scenes (optionally passed through `transform`; scenes
+    drawn by `sample`, as in :func:`~realign_pipeline.shapes.world.reading_accuracy`).
 
     Each true object is matched to the found object whose box centre is nearest (within a quarter of the
     image); a scene is exact when it has as many found objects as true ones and all are right.
     """
     return reading_accuracy(
         lambda image: [(f.color, f.shape, f.center[0], f.center[1]) for f in segment_objects(image)],
-        num_scenes, size, seed, transform,
+        num_scenes, size, seed, transform, sample,
     )

@@ -321,17 +321,19 @@ def reading_accuracy(
     size: int = 32,
     seed: int = 0,
     transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+    sample: Callable[[random.Random], Scene] | None = None,
 ) -> dict[str, float]:
     """How often `read` (image -> ``[(color, shape, cx, cy), ...]``) reads seeded rendered scenes right.
 
     Each true object is matched to the nearest reading within a quarter of the image; a scene is exact when it
     has as many readings as objects and every object's colour and shape are right. `transform` (e.g. a VAE
-    round trip) is applied to each render first.
+    round trip) is applied to each render first. `sample` draws the scenes (default :func:`sample_scene`; e.g.
+    :func:`realign_pipeline.shapes.triples.sample_scene` for three-object scenes).
     """
     rng = random.Random(seed)
     exact = objects = color_ok = shape_ok = both_ok = 0
     for _ in range(num_scenes):
-        scene = sample_scene(rng)
+        scene = (sample or sample_scene)(rng)
         image = render_scene(scene, size)
         if transform is not None:
             image = transform(image)
