@@ -111,3 +111,12 @@ def test_bad_arguments_are_clear_errors():
         triples.sample_scene(random.Random(0), num_objects=2, split="test")
     with pytest.raises(ValueError, match="form"):
         triples.triple_prompts(triples.all_triples()[:1], forms=("under",))
+
+
+def test_the_captioners_segmenter_reads_three_object_scenes():
+    from functools import partial
+
+    from realign_pipeline.shapes.perception import segmenter_accuracy
+
+    result = segmenter_accuracy(30, triples.RESOLUTION, seed=3, sample=partial(triples.sample_scene, num_objects=3))
+    assert result["num_objects"] == 90 and result["scene_accuracy"] == 1.0
