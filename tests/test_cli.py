@@ -72,6 +72,7 @@ def test_demo_summary_numbers(demo_run):
         # the layout pulls each phrase's attention into its region
         assert row["realigned"] > row["plain"]
     assert set(summary["timings_s"]) == {"load", "plain", "realigned", "pictures"}
+    assert summary["seed"] == 42  # --tiny keeps its fixed default seed
     assert 0 <= summary["image_change_0_255"]["mean"] <= summary["image_change_0_255"]["max"] <= 255
 
 
@@ -143,6 +144,7 @@ def test_demo_without_tiny_runs_the_shapes_world(monkeypatch, tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 7
     assert seen["prompt"] is None and seen["height"] is None and seen["width"] is None
     assert seen["tiny"] is False and seen["steps"] == 4 and seen["out"] == str(tmp_path)
+    assert seen["seed"] is None and seen["search_seeds"] == 32 and seen["num_images"] == 4  # None: search for seeds
 
 
 def test_demo_help_layout_example_is_a_valid_layout():

@@ -151,6 +151,18 @@ def test_the_demo_draws_real_pictures_of_the_shapes_world(tmp_path):
     for seed in summary["seeds"]:
         image = PIL.Image.open(tmp_path / f"realigned_{seed}.png")
         assert image.size == (32, 32)
+    # without --seed it shows seeds whose plain image is wrong (tests/test_shapes_demo.py checks the rule closely)
+    from realign_pipeline.shapes.checker import check_prompt
+    from realign_pipeline.shapes.metric import parse_shapes_prompt
+
+    selection = summary["seed_selection"]
+    assert selection["searched"] == [0, 31] and selection["wrong_count"] >= 4 and selection["filled"] == []
+    objects = parse_shapes_prompt(summary["prompt"])
+    for seed in summary["seeds"]:
+        reading = check_prompt(PIL.Image.open(tmp_path / f"coarse_{seed}.png").convert("RGB"), objects)
+        assert reading["binding"] == 0 or reading["position"] == 0, seed
+    assert summary["measured_rates"]["binding"]["base_wrong"] > 0 and "measured on" in result.stdout
+    assert (tmp_path / "layout_control.png").exists() and "plain" in summary["layout_control"]
 
 
 def test_the_demo_takes_a_prompt_outside_the_caption_forms(tmp_path):

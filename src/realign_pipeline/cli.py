@@ -93,7 +93,10 @@ Run RealignDiff end to end, offline.
 
 Default: the trained shapes world (small models trained on procedural scenes of coloured shapes, see
 docs/shapes.md): real pictures of a prompt before and after re-alignment (coarse image -> dense caption ->
-re-aligned image), for a few seeds, with the Figure 6 panels and Figure 7 attention maps.
+re-aligned image), for a few seeds, with the Figure 6 panels and Figure 7 attention maps. Without --seed it
+picks seeds whose plain image the world's checker reads wrong (searching seeds 0..--search_seeds-1), prints
+the fix and break rates measured for this configuration (with a placebo's) beside them, and draws
+layout_control.png: the plain image against the image generated with a layout read from the prompt.
 
 --tiny: a tiny RANDOM Stable Diffusion model instead. Its images are noise (random weights); what it shows is
 the code path only: a layout (phrase -> region) drives Eq. 8 cross-attention modulation, and the
@@ -111,7 +114,8 @@ layout-guided, and --tiny writes:
 DEMO_EPILOG = f"""\
 examples:
   {PROG} demo
-  {PROG} demo --prompt "a red square to the left of a green circle" --seed 1
+  {PROG} demo --prompt "a red square to the left of a green circle" --search_seeds 64
+  {PROG} demo --seed 1 --num_images 2              seeds 1 and 2, no search
   {PROG} demo --tiny --steps 5 --out /tmp/demo --seed 1
   {PROG} demo --tiny --prompt "a cat on a sofa" --layout my_layout.json
 
@@ -135,7 +139,13 @@ def _add_demo_parser(subparsers: Any) -> None:
     parser.add_argument("--prompt", default=None,
                         help=f"the text prompt (default: the shapes world's; with --tiny: {DEMO_PROMPT!r})")
     parser.add_argument("--out", default="outputs/demo", help="folder for the pictures and JSON files")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the initial noise (the same for both runs)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the first image (the next images take the next seeds; the same noise for "
+                        "both runs); without it the shapes world searches for seeds it gets wrong (--tiny: 42)")
+    parser.add_argument("--search_seeds", type=_int_in(1, 10000), default=32, metavar="N",
+                        help="shapes world without --seed: seeds 0..N-1 searched for plain images the checker reads wrong")
+    parser.add_argument("--num_images", type=_int_in(1, 64), default=4, metavar="N",
+                        help="shapes world: how many seeds to show")
     parser.add_argument("--steps", type=_int_in(1, 1000), default=20, help="denoising steps")
     parser.add_argument("--height", type=_image_side, default=None,
                         help=f"image height, multiple of 8, <= {MAX_DEMO_SIDE} (default: the shapes world's; --tiny: 64)")
@@ -333,6 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise CLIError("the shapes-world demo is not in this installation; run `realigndiff demo --tiny`.") from None
         return shapes_demo(args)
     args.prompt = args.prompt or DEMO_PROMPT
+    args.seed = 42 if args.seed is None else args.seed
     args.height = args.height or 64
     args.width = args.width or 64
     with _torch_threads(args.threads):
