@@ -85,3 +85,21 @@ def test_the_method_minus_placebo_rates_point_the_right_way(fine_stage_rates):
     assert rates["fine"]["break_rate"] == 0.5 and rates["placebo"]["break_rate"] == 0.0
     assert rates["break_rate_minus_placebo"]["difference"] == 0.5
     assert "position" not in fine_stage_rates.rates(rows)  # no prompt named a side
+
+
+def test_relation_prompts_with_relation_correction(fine_stage_rates, tmp_path):
+    result = fine_stage_rates.main(["--quick", "--correct_relations", "--forms", "left", "right", "--splits",
+                                    "held-out", "--out", str(tmp_path / "relations.json")])
+    assert result["correct_relations"] is True and result["forms"] == ["left", "right"]
+    rows = result["splits"]["held-out"]["rows"]
+    assert rows and all(" to the " in row["prompt"] for row in rows)
+    assert all(row["coarse"]["position"] is not None for row in rows)
+    _check(result["splits"]["held-out"]["rates"]["position"]["fine"], len(rows))
+
+
+def test_the_placebo_of_a_box_only_region_uses_the_worlds_size(fine_stage_rates):
+    from realign_pipeline import Layout, Region
+
+    (alone,) = fine_stage_rates.placebo_layout(Layout([Region("red circle", box=[0.0, 0.0, 0.5, 1.0])]), size=48)
+    mask = np.asarray(alone.mask)
+    assert mask.shape == (48, 48) and mask[:, 24:].min() == 1.0 and mask[:, :24].max() == 0.0

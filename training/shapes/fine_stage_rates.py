@@ -4,6 +4,8 @@
         [--splits half-b held-out hard]
     python training/shapes/fine_stage_rates.py --out docs/shapes_triples_fine_stage_rates.json \
         --model shapes-triples --splits held-out half-b
+    python training/shapes/fine_stage_rates.py --out docs/shapes_relation_correction.json --correct_relations \
+        --forms left right --splits held-out
 
 For every (prompt, seed): the coarse image, the dense caption and the fine image of ``realign=True``, and a
 **placebo**: the same fine pass from the same noise with the phrases of the captioned layout exchanged between
@@ -171,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="in this order, half B is read from the held-out images when both are asked for")
     parser.add_argument("--scene_kind", choices=("pairs", "triples"), default=None,
                         help="the world's scenes (default: triples for shapes-triples, else pairs)")
+    parser.add_argument("--correct_relations", action="store_true",
+                        help="the dense captioner corrects layouts that violate the prompt's relation (beyond the paper)")
+    parser.add_argument("--forms", nargs="+", default=None, choices=("and", "with", "left", "right"),
+                        help="only prompts of these caption forms (e.g. left right for relation correction)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run: 4 prompts per split, 1 seed (hard: 2 selection seeds), 2 steps")
@@ -186,13 +192,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         generation["num_inference_steps"] = 2
         seeds, selection, hard_seeds, limit = [0], [0, 1], [100], 4
     pipe = load_pipeline(args.model, need_captioner=True)
+    pipe.dense_captioner.correct_relations = args.correct_relations
     result: dict[str, Any] = {
         "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
-        "model": args.model or "shapes", "scene_kind": scene_kind, "generation": generation, "splits": {},
+        "model": args.model or "shapes", "scene_kind": scene_kind, "generation": generation,
+        "correct_relations": args.correct_relations, "forms": args.forms, "splits": {},
     }
     for split in args.splits:
         start = time.time()
-        records = split_records(split, scene_kind)
+        records = [r for r in split_records(split, scene_kind) if args.forms is None or r["form"] in args.forms]
         entry: dict[str, Any] = {}
         if split == "hard":
             selected, wrong = hard_records(pipe, records[:limit] if limit else records, selection, args.batch_size,
