@@ -29,6 +29,7 @@ __all__ = [
     "heatmap",
     "overlay_layout",
     "region_box",
+    "titled",
 ]
 
 Box = tuple[float, float, float, float]
@@ -269,7 +270,7 @@ def attention_grid(
     return grid
 
 
-def _titled(image: Image.Image, title: str, padding: int = 6) -> Image.Image:
+def titled(image: Image.Image, title: str, padding: int = 6) -> Image.Image:
     """`image` under a one-line title on a white strip."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title_h = _text_size(probe, "Ag")[1] + padding
@@ -299,7 +300,7 @@ def figure6_panel(
         overlay_layout(coarse, list(layout_regions), min_side=0 if size == coarse.size else min_side).resize(size),
         final.convert("RGB").resize(size, Image.Resampling.NEAREST),
     ]
-    cells = [_titled(cell, title, padding) for cell, title in zip(cells, titles)]
+    cells = [titled(cell, title, padding) for cell, title in zip(cells, titles)]
     width = sum(cell.width for cell in cells) + padding * (len(cells) + 1)
     height = max(cell.height for cell in cells) + 2 * padding
     panel = Image.new("RGB", (width, height), _BACKGROUND)

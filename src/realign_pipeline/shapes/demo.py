@@ -276,7 +276,7 @@ def prompt_layout(objects: list[dict[str, Any]]) -> tuple[Any, list[dict[str, An
 
 def _layout_panel(layout, plain: PIL.Image.Image, guided: PIL.Image.Image) -> PIL.Image.Image:
     """``layout boxes with their phrases | plain image | image with the layout``, enlarged alike."""
-    from ..visualize import _titled, display_size, overlay_layout
+    from ..visualize import titled, display_size, overlay_layout
     from .world import BACKGROUND
 
     size = display_size(plain.size, LAYOUT_PANEL_SIDE)
@@ -287,7 +287,7 @@ def _layout_panel(layout, plain: PIL.Image.Image, guided: PIL.Image.Image) -> PI
         guided.convert("RGB").resize(size, PIL.Image.Resampling.NEAREST),
     ]
     titles = ("layout (phrase, score)", "plain", "with the layout")
-    return _row([_titled(cell, title, PADDING) for cell, title in zip(cells, titles)])
+    return _row([titled(cell, title, PADDING) for cell, title in zip(cells, titles)])
 
 
 def _layout_control(
