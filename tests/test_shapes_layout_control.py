@@ -99,3 +99,57 @@ def test_quick_sweep_then_evaluate_on_the_shapes_world(layout_control, tmp_path)
     assert sum(form["position"]["n"] for form in evaluation["by_form"].values()) == 4
     with pytest.raises(SystemExit):
         layout_control.main(["evaluate", "--quick", "--out", str(tmp_path / "x.json")])  # no --setting
+
+
+@pytest.fixture(scope="module")
+def layout_diagnosis(layout_control):
+    import layout_diagnosis
+
+    return layout_diagnosis
+
+
+def test_token_categories_split_every_key(layout_diagnosis):
+    from transformers import CLIPTokenizer
+
+    from realign_pipeline.shapes.pretrained import shapes_model_path
+
+    tokenizer = CLIPTokenizer.from_pretrained(shapes_model_path("pipeline") / "tokenizer")
+    prompt = "a red circle and a blue square"  # start a red circle and a blue square end pad...
+    categories = layout_diagnosis.token_categories(tokenizer, prompt, [[2, 3], [6, 7]], 16)
+    names = layout_diagnosis.CATEGORIES
+    assert [names[c] for c in categories[0][:10]] == [
+        "start", "other words", "own phrase", "own phrase", "other words", "other words", "other phrase",
+        "other phrase", "end and padding", "end and padding",
+    ]
+    assert [names[c] for c in categories[1][2:4]] == ["other phrase", "other phrase"]
+    assert all(names[c] == "end and padding" for c in categories[1][8:])
+
+
+def test_modulating_no_level_is_the_plain_image_and_the_quick_run_adds_up(layout_diagnosis, layout_control, tmp_path):
+    import numpy as np
+    import torch
+
+    from realign_pipeline.shapes.pretrained import load_shapes_pipeline
+
+    pipe = load_shapes_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    record = layout_control.tuning_records(1)[0]
+    kwargs = {"height": 32, "width": 32, "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "np"}
+    plain = pipe(record["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    layout = layout_control.prompt_layout(record["objects"])
+    setting = {"cross_attention_strength": 2.0, "modulation_fraction": 1.0, "self_attention_strength": 0.3}
+    modulated = pipe(record["prompt"], generator=torch.Generator().manual_seed(0), layout=layout, **setting, **kwargs).images
+    with layout_diagnosis.modulated_levels(()):
+        none = pipe(record["prompt"], generator=torch.Generator().manual_seed(0), layout=layout, **setting, **kwargs).images
+    assert np.abs(modulated - plain).max() > 1e-3
+    np.testing.assert_allclose(none, plain, atol=1e-5)
+
+    result = layout_diagnosis.main(["--quick", "--out", str(tmp_path / "diagnosis.json")])
+    for entry in result["settings"].values():
+        for steps in entry["shares"].values():
+            for shares in steps.values():
+                assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert {row["levels"] for row in result["levels"]} == set(layout_diagnosis.LEVELS)
+    for row in result["levels"]:
+        for metric in ("position", "binding", "presence"):
+            assert 0 <= row[metric]["after"] <= 1 and row[metric]["fixed"] + row[metric]["broken"] <= 2

@@ -3,6 +3,9 @@
     python training/shapes/layout_control.py sweep    --out docs/shapes_layout_sweep.json
     python training/shapes/layout_control.py evaluate --out docs/shapes_layout_control.json \
         --setting docs/shapes_layout_sweep.json
+    python training/shapes/layout_control.py sweep --grid second --out docs/shapes_layout_sweep_2.json
+    python training/shapes/layout_control.py evaluate --out docs/shapes_layout_control_2.json \
+        --setting docs/shapes_layout_sweep_2.json
 
 DenseDiffusion's claim, on our processor and the shapes world, where position is at chance without a layout.
 Each two-object prompt gets a layout built from the prompt and the world's own geometry: the phrase of the
@@ -20,6 +23,8 @@ The protocol, fixed before any result was seen:
   strength in :data:`GRID`. The chosen setting is the one with the highest position whose paired binding and
   presence differences against the plain model are both at least -0.02 (ties: the lower strengths).
 - ``evaluate`` scores the **held-out** prompts (all 192, seeds 0-2) once, with the frozen setting.
+- A second sweep (``--grid second``), on the same tuning prompts and seeds with the same rule, adds the two
+  treatments the diagnosis pointed to (``layout_diagnosis.py``); its held-out look is reported beside the first.
 """
 
 from __future__ import annotations
@@ -51,6 +56,17 @@ GRID: dict[str, list[float]] = {
     "timestep_power": [5.0, 1.0],
     "self_attention_strength": [0.0, 0.3],
 }
+#: The second sweep, after the diagnosis (layout_diagnosis.py) found the tokens no region claims holding most of
+#: each box's attention: the same protocol over the two DenseDiffusion treatments Eq. 8 leaves out.
+SECOND_GRID: dict[str, list[Any]] = {
+    "cross_attention_strength": [0.5, 1.0, 2.0],
+    "modulation_fraction": [0.3, 0.6],
+    "timestep_power": [5.0, 1.0],
+    "self_attention_strength": [0.3],
+    "suppress_unclaimed_tokens": [False, True],
+    "replace_phrase_embeddings": [False, True],
+}
+GRIDS = {"first": GRID, "second": SECOND_GRID}
 SIDES_SEED = 0
 TUNING_SEEDS = [0, 1]
 EVALUATION_SEEDS = [0, 1, 2]
@@ -185,7 +201,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     chosen = choose(results)
     return {
         **_run_header(args, "training pairings", records, len(jobs)),
-        "base": _means(base), "results": results, "chosen": chosen["setting"],
+        "grid": args.grid, "base": _means(base), "results": results, "chosen": chosen["setting"],
         "sides": [{"prompt": r["prompt"], "sides": [o["side"] for o in r["objects"]], "drawn": r["sides_drawn"]}
                   for r in records],
         "wall_s": round(time.time() - start, 1),
@@ -223,12 +239,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help=f"default: sweep {TUNING_SEEDS}, evaluate {EVALUATION_SEEDS}")
     parser.add_argument("--setting", default=None,
                         help="evaluate: the sweep's JSON (its chosen setting) or a JSON object of pipeline arguments")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default="first",
+                        help="sweep: the first grid (Eq. 8's settings) or the second (with the unclaimed-token and "
+                        "phrase-embedding options)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="a reduced run: 4 prompts, 1 seed, 2 steps, 2 settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.generation = None
-    args.grid = GRID
+    args.grid = GRIDS[args.grid]
     if args.command == "sweep":
         args.limit = 48 if args.limit is None else args.limit
         args.seeds = args.seeds or TUNING_SEEDS
