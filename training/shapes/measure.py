@@ -33,10 +33,10 @@ import torch
 from common import images_to_tensor
 
 from realign_pipeline import RealignDiffPipeline
+from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.checker import check_prompt, checker_accuracy
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.perception import segmenter_accuracy
-from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.triples import held_out_triple_prompts, training_triple_prompts
 from realign_pipeline.shapes.world import COLORS, SHAPES, held_out_prompts, render_scene, sample_scene
 

@@ -276,7 +276,7 @@ def prompt_layout(objects: list[dict[str, Any]]) -> tuple[Any, list[dict[str, An
 
 def _layout_panel(layout, plain: PIL.Image.Image, guided: PIL.Image.Image) -> PIL.Image.Image:
     """``layout boxes with their phrases | plain image | image with the layout``, enlarged alike."""
-    from ..visualize import titled, display_size, overlay_layout
+    from ..visualize import display_size, overlay_layout, titled
     from .world import BACKGROUND
 
     size = display_size(plain.size, LAYOUT_PANEL_SIDE)
