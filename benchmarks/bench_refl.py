@@ -1,9 +1,9 @@
 """Seconds per ReFL training step and peak memory, LoRA vs full UNet fine-tuning.
 
-One step = what ``training/train_refl.py`` does per micro-step (``training/refl.py``): a no-grad DDIM rollout to a
-drawn step, one UNet call with gradient, x0, VAE decode with gradient, reward objective + hinge, ``L_pre`` on a
-batch of (random) images, backward, AdamW step. The two configurations run interleaved after warm-up, with the
-same seeds, so the drawn gradient steps (hence the rollout lengths) are the same for both.
+One step = what ``training/train_refl.py`` does per micro-step (``realign_pipeline.training.refl``): a no-grad
+DDIM rollout to a drawn step, one UNet call with gradient, x0, VAE decode with gradient, reward objective +
+hinge, ``L_pre`` on a batch of (random) images, backward, AdamW step. The two configurations run interleaved
+after warm-up, with the same seeds, so the drawn gradient steps (hence the rollout lengths) are the same for both.
 
     # tiny random components on the CPU (what this machine can do)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_refl.py --json benchmarks/results/refl_tiny_cpu.json
@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from refl import (
+from realign_pipeline.training.refl import (
     decode,
     draw_grad_step,
     hinge_reward_loss,

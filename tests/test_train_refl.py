@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
+from realign_pipeline.training.data import DataError, load_pairs, load_prompts
+from realign_pipeline.training.refl import (
+    draw_grad_step,
+    hinge_reward_loss,
+    predict_x0,
+    refl_latents,
+    refl_step_loss,
+)
 
-import refl
-import train_refl
-from data import DataError
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(path: Path) -> ModuleType:
+    """A script that is not part of the package (``training/``, ``benchmarks/``), imported from its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_refl = _load_script(ROOT / "training" / "train_refl.py")
 
 REWARD_MODULE = '''
 import torch
@@ -143,7 +160,7 @@ def test_unet_receives_scheduler_timestep_not_index():
             return type("O", (), {"sample": x * 0.1})()
 
     x = torch.randn(1, 4, 8, 8, requires_grad=False)
-    out = refl.refl_latents(
+    out = refl_latents(
         FakeUNet(), scheduler, x, torch.zeros(1, 3, 8), num_inference_steps=4, grad_step=2
     )
     ts = [int(t) for t in scheduler.timesteps]
@@ -160,16 +177,16 @@ def test_predict_x0_matches_scheduler(kind):
     x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = s.timesteps[3]
     expected = s.step(out, t, x).pred_original_sample
-    torch.testing.assert_close(refl.predict_x0(s, out, t, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predict_x0(s, out, t, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_hinge_and_eq5():
     obj = torch.tensor([0.5, 2.0])
-    assert refl.hinge_reward_loss(obj, 1.0, 1e-3).item() == pytest.approx(1e-3 * 0.25)
-    assert refl.refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.5).item() == 2.0
-    assert refl.refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.0).item() == 1.0
+    assert hinge_reward_loss(obj, 1.0, 1e-3).item() == pytest.approx(1e-3 * 0.25)
+    assert refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.5).item() == 2.0
+    assert refl_step_loss(torch.tensor(1.0), torch.tensor(2.0), 0.0).item() == 1.0
     g = torch.Generator().manual_seed(0)
-    draws = {refl.draw_grad_step((30, 50), 50, g) for _ in range(400)}
+    draws = {draw_grad_step((30, 50), 50, g) for _ in range(400)}
     assert min(draws) == 30 and max(draws) == 49
 
 
@@ -447,9 +464,7 @@ def test_dataset_name_local_folder(assets, tmp_path):
 
 
 def test_bench_refl_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_refl
-
+    bench_refl = _load_script(ROOT / "benchmarks" / "bench_refl.py")
     result = bench_refl.main(["--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "b.json")])
     assert set(result["configs"]) == {"lora", "full"}
     lora, full = result["configs"]["lora"], result["configs"]["full"]
@@ -481,8 +496,6 @@ def test_prompts_dataset_through_datasets(assets, tmp_path):
     )
     args = _args(assets, tmp_path / "pd", "--use_lora", "--max_train_steps", "1")
     args.prompts_file, args.prompts_dataset, args.prompts_column = None, str(folder), "caption"
-    from data import load_pairs, load_prompts
-
     assert load_prompts(args, load_pairs(args)) == ["a green frog", "a small house"]
     assert train_refl.main(args)["global_step"] == 1
     args.prompts_column = "text"

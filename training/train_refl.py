@@ -9,7 +9,8 @@ image-caption pairs::
     loss = reward_weight * relu(reward_margin - objective).mean() + pretrain_loss_weight * L_pre   (Eq. 5)
 
 Flags and habits follow diffusers' ``examples/text_to_image/train_text_to_image_lora.py``. The step math
-lives in ``refl.py`` next to this file; the data readers in ``data.py``. See ``docs/training.md``.
+lives in ``realign_pipeline.training.refl``; the data readers in ``realign_pipeline.training.data``. See
+``docs/training.md``.
 
     accelerate launch training/train_refl.py \
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -25,18 +26,21 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
-
 import torch
-from data import DataError, RowStream, load_pairs, load_prompts, open_image
-from refl import decode, draw_grad_step, hinge_reward_loss, pretrain_loss, refl_latents, refl_step_loss
+
+from realign_pipeline.training.data import DataError, RowStream, load_pairs, load_prompts, open_image
+from realign_pipeline.training.refl import (
+    decode,
+    draw_grad_step,
+    hinge_reward_loss,
+    pretrain_loss,
+    refl_latents,
+    refl_step_loss,
+)
 
 logger = logging.getLogger("train_refl")
 

@@ -1,6 +1,6 @@
 """The step math of ReFL fine-tuning (RealignDiff Sec. 3.2.1, Eq. 5), free of accelerate and argparse.
 
-``train_refl.py`` is the glue; everything a reviewer needs to check the method is here, in small
+``training/train_refl.py`` is the glue; everything a reviewer needs to check the method is here, in small
 functions a test can call on tiny models:
 
 - :func:`predict_x0` -- x0 straight from one UNet output (epsilon, v-prediction or sample);

@@ -1,4 +1,4 @@
-"""Data for ``train_refl.py``: reward prompts and image-caption pairs for ``L_pre``, with a resumable position.
+"""Reward prompts and the image-caption pairs of ``L_pre`` for ``training/train_refl.py``, read resumably.
 
 Rows are read in a seeded permutation per epoch; process ``r`` of ``W`` takes positions ``r, r + W, ...``.
 A :class:`RowStream` knows its position (epoch, offset) and how many bad rows it skipped, so a checkpoint
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["DataError", "RowStream", "load_pairs", "load_prompts"]
+__all__ = ["DataError", "RowStream", "load_pairs", "load_prompts", "open_image"]
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -124,11 +127,7 @@ def load_pairs(args: Any):
             if isinstance(ds.features.get(args.image_column), datasets.Image):
                 ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
         except Exception as exc:  # noqa: BLE001 - decoding stays on; a bad image then fails in __getitem__
-            import logging
-
-            logging.getLogger(__name__).warning(
-                f"could not turn off image decoding ({exc}); bad images may raise"
-            )
+            logger.warning(f"could not turn off image decoding ({exc}); bad images may raise")
         return _HubPairs(ds, args.image_column, args.caption_column)
     return None
 
