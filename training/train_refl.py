@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 
 from realign_pipeline.training.data import DataError, RowStream, load_pairs, load_prompts, open_image
 from realign_pipeline.training.refl import (
@@ -42,7 +44,7 @@ from realign_pipeline.training.refl import (
     refl_step_loss,
 )
 
-logger = logging.getLogger("train_refl")
+logger = get_logger("train_refl")
 
 REWARDS = ("caption", "clip", "blip", "imagereward")
 
@@ -214,8 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             importlib.util.find_spec("tensorboard") is None
             and importlib.util.find_spec("tensorboardX") is None
         ):
-            logger.warning(
-                "tensorboard is not installed: logging to tensorboard is off (pip install tensorboard)"
+            # the logger needs accelerate's state, which main() creates later
+            warnings.warn(
+                "tensorboard is not installed: logging to tensorboard is off (pip install tensorboard)",
+                stacklevel=2,
             )
             args.report_to = None
     args.local_rank = env_local_rank
@@ -303,57 +307,182 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
 
 
-def model_card(args: argparse.Namespace, stats: dict, images: list[str]) -> str:
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folder names in ``output_dir``, oldest first (none if there is no such folder)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+    )
+
+
+def save_lora(unet: Any, output_dir: str) -> None:
+    """The UNet's LoRA layers to ``pytorch_lora_weights.safetensors``, for ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True,
+    )
+
+
+def save_checkpoint(
+    accelerator: Any,
+    args: argparse.Namespace,
+    step: int,
+    micro_step: int,
+    skipped_nonfinite: int,
+    streams: dict[str, RowStream | None],
+) -> None:
+    """Write ``checkpoint-{step}``: accelerate's state (trained weights via the hooks), ``train_state.json``.
+
+    Every process hands in its own data position (``streams``: ``prompts`` and ``pairs``); the main process
+    prunes old checkpoints down to ``--checkpoints_total_limit`` and writes the positions of all ranks.
+    """
+    ckpt = os.path.join(args.output_dir, f"checkpoint-{step}")
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        dirs = list_checkpoints(args.output_dir)
+        for d in dirs[: max(0, len(dirs) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, d))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(ckpt)
+    positions = {name: None if stream is None else stream.state_dict() for name, stream in streams.items()}
+    gathered = [positions]
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * accelerator.num_processes
+        dist.all_gather_object(gathered, positions)
+    if accelerator.is_main_process:
+        with open(os.path.join(ckpt, "train_state.json"), "w") as f:
+            json.dump(
+                {
+                    "global_step": step,
+                    "micro_step": micro_step,
+                    "skipped_nonfinite": skipped_nonfinite,
+                    "data": {str(r): g for r, g in enumerate(gathered)},
+                },
+                f,
+                indent=1,
+            )
+    accelerator.wait_for_everyone()
+    logger.info(f"saved {ckpt}")
+
+
+def validate(
+    accelerator: Any,
+    args: argparse.Namespace,
+    step: int,
+    seed: int,
+    *,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    unet: Any,
+    scheduler: Any,
+) -> list[str]:
+    """Images of ``--validation_prompts`` under ``output_dir/validation/`` (and to tensorboard); their paths.
+
+    ``unet`` is the unwrapped model; it is put back in training mode afterwards. Main process only.
+    """
+    if not args.validation_prompts or not accelerator.is_main_process:
+        return []
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out_dir = Path(args.output_dir) / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, images = [], []
+    g = torch.Generator(device=accelerator.device).manual_seed(seed)
+    with torch.no_grad(), accelerator.autocast():
+        for j, prompt in enumerate(args.validation_prompts):
+            for k in range(args.num_validation_images):
+                img = pipe(
+                    prompt,
+                    num_inference_steps=args.num_inference_steps,
+                    generator=g,
+                    height=args.resolution,
+                    width=args.resolution,
+                ).images[0]
+                name = f"validation/step{step}_{j}_{k}.png"
+                img.save(Path(args.output_dir) / name)
+                paths.append(name)
+                images.append(img)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+            )
+    unet.train()
+    return paths
+
+
+#: The run's settings listed in the model card, in this order.
+MODEL_CARD_SETTINGS = (
+    "reward",
+    "reward_model_path",
+    "reward_text_model_path",
+    "reward_weight",
+    "reward_margin",
+    "num_inference_steps",
+    "grad_step_range",
+    "rollout_guidance_scale",
+    "pretrain_loss_weight",
+    "prompts_file",
+    "prompts_dataset",
+    "dataset_name",
+    "train_data_dir",
+    "resolution",
+    "learning_rate",
+    "lr_scheduler",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "mixed_precision",
+    "seed",
+    "use_lora",
+    "rank",
+    "use_ema",
+)
+
+
+def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) -> None:
+    """``output_dir/README.md``: diffusers' training model card with the run's settings, counts and images."""
+    from unittest import mock
+
+    import huggingface_hub
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    base = args.pretrained_model_name_or_path
     kind = (
         f"LoRA (rank {args.rank})"
         if args.use_lora
         else "full UNet fine-tuning" + (" + EMA" if args.use_ema else "")
     )
     lines = [
-        "---",
-        "library_name: diffusers",
-        f"base_model: {args.pretrained_model_name_or_path}",
-        "tags: [stable-diffusion, text-to-image, diffusers, realigndiff, refl"
-        + (", lora" if args.use_lora else "")
-        + "]",
-        "---",
-        "",
-        f"# ReFL fine-tune of {args.pretrained_model_name_or_path} ({kind})",
+        f"# ReFL fine-tune of {base} ({kind})",
         "",
         "Trained with `training/train_refl.py` of realign-pipeline (RealignDiff coarse stage, Eq. 5):",
         "`loss = reward_weight * relu(reward_margin - objective) + pretrain_loss_weight * L_pre`.",
         "",
         "| setting | value |",
         "|---|---|",
-    ]
-    keys = [
-        "reward",
-        "reward_model_path",
-        "reward_text_model_path",
-        "reward_weight",
-        "reward_margin",
-        "num_inference_steps",
-        "grad_step_range",
-        "rollout_guidance_scale",
-        "pretrain_loss_weight",
-        "prompts_file",
-        "prompts_dataset",
-        "dataset_name",
-        "train_data_dir",
-        "resolution",
-        "learning_rate",
-        "lr_scheduler",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "max_train_steps",
-        "mixed_precision",
-        "seed",
-        "use_lora",
-        "rank",
-        "use_ema",
-    ]
-    lines += [f"| {k} | {getattr(args, k)} |" for k in keys]
-    lines += [
+        *(f"| {k} | {getattr(args, k)} |" for k in MODEL_CARD_SETTINGS),
         f"| effective batch | {stats.get('effective_batch')} |",
         f"| steps done | {stats.get('global_step')} |",
         f"| skipped non-finite steps | {stats.get('skipped_nonfinite')} |",
@@ -362,28 +491,28 @@ def model_card(args: argparse.Namespace, stats: dict, images: list[str]) -> str:
     ]
     if images:
         lines += ["## Validation images", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
-    if args.use_lora:
-        lines += [
-            "## Use",
-            "",
-            "```python",
-            "from realign_pipeline import RealignDiffPipeline",
-            f'pipe = RealignDiffPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+    load = (
+        [
+            f'pipe = RealignDiffPipeline.from_pretrained("{base}")',
             'pipe.load_lora_weights("<this folder or repo>")',
-            "```",
-            "",
         ]
-    else:
-        lines += [
-            "## Use",
-            "",
-            "```python",
-            "from realign_pipeline import RealignDiffPipeline",
-            'pipe = RealignDiffPipeline.from_pretrained("<this folder or repo>")',
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
+        if args.use_lora
+        else ['pipe = RealignDiffPipeline.from_pretrained("<this folder or repo>")']
+    )
+    lines += ["## Use", "", "```python", "from realign_pipeline import RealignDiffPipeline", *load, "```", ""]
+    # load_or_create_model_card asks the hub for the repo's card first. The card describes this run, not an
+    # earlier push, and an offline machine would wait through that request's retries (~20 s), so the lookup
+    # stays in the local cache.
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        card = load_or_create_model_card(
+            args.hub_model_id or Path(args.output_dir).name,
+            from_training=True,
+            base_model=base,
+            model_description="\n".join(lines),
+        )
+    tags = ["stable-diffusion", "text-to-image", "diffusers", "realigndiff", "refl"]
+    card = populate_model_card(card, tags=tags + (["lora"] if args.use_lora else []))
+    card.save(os.path.join(args.output_dir, "README.md"))
 
 
 def push_to_hub(args: argparse.Namespace) -> str:
@@ -420,14 +549,12 @@ def main(
         reward = make_reward(args)  # the reward classes load their models lazily
 
     from accelerate import Accelerator
-    from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    log = get_logger("train_refl")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on the CPU (gloo) rather
     # than as independent single-process runs.
@@ -442,7 +569,7 @@ def main(
         ),
     )
     if args.pretrain_loss_weight == 0:
-        log.warning(
+        logger.warning(
             "--pretrain_loss_weight 0: L_pre is off. ReFL without the pre-training loss is known to "
             "degrade image quality (reward hacking); Eq. 5 keeps it.",
             main_process_only=True,
@@ -506,17 +633,10 @@ def main(
     def save_model_hook(models, weights, output_dir):
         if not accelerator.is_main_process:
             return
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
         for model in models:
             m = accelerator.unwrap_model(model)
             if args.use_lora:
-                sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
-                StableDiffusionPipeline.save_lora_weights(
-                    output_dir, unet_lora_layers=sd, safe_serialization=True
-                )
+                save_lora(m, output_dir)
             else:
                 m.save_pretrained(os.path.join(output_dir, "unet"))
             if weights:
@@ -593,19 +713,12 @@ def main(
         if args.resume_from_checkpoint != "latest":
             ckpt = args.resume_from_checkpoint
         else:
-            dirs = (
-                sorted(
-                    (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                    key=lambda d: int(d.split("-")[1]),
-                )
-                if os.path.isdir(args.output_dir)
-                else []
-            )
+            dirs = list_checkpoints(args.output_dir)
             ckpt = os.path.join(args.output_dir, dirs[-1]) if dirs else None
         if ckpt is None or not os.path.isdir(ckpt):
-            log.warning(f"checkpoint {args.resume_from_checkpoint!r} not found; starting a new run")
+            logger.warning(f"checkpoint {args.resume_from_checkpoint!r} not found; starting a new run")
         else:
-            log.info(f"resuming from {ckpt}")
+            logger.info(f"resuming from {ckpt}")
             accelerator.load_state(ckpt)
             state_file = os.path.join(ckpt, "train_state.json")
             if os.path.isfile(state_file):
@@ -613,7 +726,7 @@ def main(
                     state = json.load(f)
             else:  # killed between save_state and writing the data position
                 step = int(os.path.basename(os.path.normpath(ckpt)).split("-")[-1])
-                log.warning(
+                logger.warning(
                     f"{state_file} missing: data position unknown, restarting the data order at step {step}"
                 )
                 state = {
@@ -644,93 +757,21 @@ def main(
     negative = encode([""]) if args.rollout_guidance_scale and args.rollout_guidance_scale > 1 else None
     latent_hw = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
 
-    def save_checkpoint(step: int) -> None:
-        # every process writes its own data position; the main process prunes and saves the state
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{step}")
-        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-            dirs = sorted(
-                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                key=lambda d: int(d.split("-")[1]),
-            )
-            for d in dirs[: max(0, len(dirs) - args.checkpoints_total_limit + 1)]:
-                shutil.rmtree(os.path.join(args.output_dir, d))
-        accelerator.wait_for_everyone()
-        accelerator.save_state(ckpt)
-        positions = {
-            "prompts": prompt_stream.state_dict(),
-            "pairs": pair_stream.state_dict() if pair_stream is not None else None,
-        }
-        gathered = [positions]
-        if world > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * world
-            dist.all_gather_object(gathered, positions)
-        if accelerator.is_main_process:
-            with open(os.path.join(ckpt, "train_state.json"), "w") as f:
-                json.dump(
-                    {
-                        "global_step": step,
-                        "micro_step": micro_step,
-                        "skipped_nonfinite": skipped_nonfinite,
-                        "data": {str(r): g for r, g in enumerate(gathered)},
-                    },
-                    f,
-                    indent=1,
-                )
-        accelerator.wait_for_everyone()
-        log.info(f"saved {ckpt}")
-
     def unwrapped_unet():
         return accelerator.unwrap_model(unet)
 
-    def validate(step: int) -> list[str]:
-        if not args.validation_prompts or not accelerator.is_main_process:
-            return []
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unwrapped_unet(),
-            scheduler=rollout_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        out_dir = Path(args.output_dir) / "validation"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths, images = [], []
-        g = torch.Generator(device=accelerator.device).manual_seed(seed)
-        with torch.no_grad(), accelerator.autocast():
-            for j, prompt in enumerate(args.validation_prompts):
-                for k in range(args.num_validation_images):
-                    img = pipe(
-                        prompt,
-                        num_inference_steps=args.num_inference_steps,
-                        generator=g,
-                        height=args.resolution,
-                        width=args.resolution,
-                    ).images[0]
-                    name = f"validation/step{step}_{j}_{k}.png"
-                    img.save(Path(args.output_dir) / name)
-                    paths.append(name)
-                    images.append(img)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_images(
-                    "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
-                )
-        unwrapped_unet().train()
-        return paths
+    # validate() builds its pipeline from these at each call, so the images show the current weights
+    validation_models = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unwrapped_unet(),
+        "scheduler": rollout_scheduler,
+    }
 
     # ---- training loop
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
-    log.info(
+    logger.info(
         f"ReFL: {len(prompts)} prompts, {len(pairs) if pairs is not None else 0} pairs, effective batch "
         f"{total_batch}, steps {global_step}->{args.max_train_steps}, T={args.num_inference_steps}, "
         f"grad step in [{args.grad_step_range[0]}, {args.grad_step_range[1]})"
@@ -786,7 +827,7 @@ def main(
                 grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
                 if bad_micro or not grads_ok:
                     skipped_nonfinite += 1
-                    log.warning(
+                    logger.warning(
                         f"step {global_step + 1}: non-finite loss or gradient, step skipped "
                         f"({skipped_nonfinite} so far)"
                     )
@@ -819,9 +860,16 @@ def main(
                 with open(Path(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": global_step, **logs}) + "\n")
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                save_checkpoint(
+                    accelerator,
+                    args,
+                    global_step,
+                    micro_step,
+                    skipped_nonfinite,
+                    {"prompts": prompt_stream, "pairs": pair_stream},
+                )
             if args.validation_steps and global_step % args.validation_steps == 0:
-                validation_paths = validate(global_step)
+                validation_paths = validate(accelerator, args, global_step, seed, **validation_models)
             if step_callback is not None:
                 step_callback(global_step)
 
@@ -838,14 +886,7 @@ def main(
     if accelerator.is_main_process:
         final = unwrapped_unet()
         if args.use_lora:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(final))
-            StableDiffusionPipeline.save_lora_weights(
-                args.output_dir, unet_lora_layers=sd, safe_serialization=True
-            )
+            save_lora(final, args.output_dir)
         else:
             from realign_pipeline import RealignDiffPipeline
 
@@ -860,10 +901,10 @@ def main(
                 requires_safety_checker=False,
             )
             pipe.save_pretrained(args.output_dir)
-        validation_paths = validate(global_step) or validation_paths
-        Path(args.output_dir, "README.md").write_text(
-            model_card(args, stats, validation_paths), encoding="utf-8"
+        validation_paths = (
+            validate(accelerator, args, global_step, seed, **validation_models) or validation_paths
         )
+        save_model_card(args, stats, validation_paths)
         Path(args.output_dir, "train_stats.json").write_text(
             json.dumps({k: v for k, v in stats.items() if k != "losses"}, indent=1), encoding="utf-8"
         )
