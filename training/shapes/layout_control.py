@@ -4,6 +4,7 @@
     python training/shapes/layout_control.py evaluate --out docs/shapes_layout_control.json \
         --setting docs/shapes_layout_sweep.json
     python training/shapes/layout_control.py sweep --grid second --out docs/shapes_layout_sweep_2.json
+    python training/shapes/layout_control.py sweep --model shapes-triples --out docs/shapes_triples_layout_sweep.json
     python training/shapes/layout_control.py evaluate --out docs/shapes_layout_control_2.json \
         --setting docs/shapes_layout_sweep_2.json
 
@@ -25,6 +26,9 @@ The protocol, fixed before any result was seen:
 - ``evaluate`` scores the **held-out** prompts (all 192, seeds 0-2) once, with the frozen setting.
 - A second sweep (``--grid second``), on the same tuning prompts and seeds with the same rule, adds the two
   treatments the diagnosis pointed to (``layout_diagnosis.py``); its held-out look is reported beside the first.
+- The three-object world (``--model shapes-triples``, 48 px): each object a third of the width (seeded, the
+  relation's left object in a third left of its right object's); sweep :data:`TRIPLE_GRID` on 48 training-triple
+  prompts x seeds 0-1 with the same rule; evaluate all 480 held-out-triple prompts, seed 0.
 """
 
 from __future__ import annotations
@@ -43,11 +47,24 @@ import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
 
 from realign_pipeline import Layout, Region
+from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.checker import check_prompt, match_objects
 from realign_pipeline.shapes.world import held_out_prompts, training_pairing_prompts
 
 #: The box where the world draws an object of each side (two-object scenes: one object per half).
 SIDE_BOXES: dict[str, tuple[float, float, float, float]] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
+#: Three-object scenes: one object per third of the width.
+THIRD_BOXES: dict[str, tuple[float, float, float, float]] = {
+    "left": (0.0, 0.0, 1 / 3, 1.0), "middle": (1 / 3, 0.0, 2 / 3, 1.0), "right": (2 / 3, 0.0, 1.0, 1.0),
+}
+#: The three-object world's sweep: 48 px images cost ~2.3x, so the grid keeps the first sweep's informative axes.
+TRIPLE_GRID: dict[str, list[float]] = {
+    "cross_attention_strength": [0.5, 1.0, 2.0],
+    "modulation_fraction": [0.3, 0.6],
+    "timestep_power": [5.0, 1.0],
+    "self_attention_strength": [0.3],
+}
+TRIPLE_EVALUATION_SEEDS = [0]
 
 #: The settings ``sweep`` tries (the pipeline's keyword arguments); the first combination is the paper's default.
 GRID: dict[str, list[float]] = {
@@ -77,11 +94,24 @@ METRICS = ("position", "in_box", "binding", "presence")
 
 # --- jobs and layouts ------------------------------------------------------------------------------------------
 def with_sides(records: Sequence[dict[str, Any]], seed: int = SIDES_SEED) -> list[dict[str, Any]]:
-    """Records whose two objects all carry a side: the prompt's own, or a seeded random one for "and" / "with"."""
+    """Records whose objects all carry a side and its box: two objects, the prompt's own sides or seeded random
+    ones for "and" / "with"; three objects, a seeded random third each, keeping the prompt's relation (its left
+    object in a third left of its right object's)."""
     rng = random.Random(seed)
     out = []
     for record in records:
         objects = [dict(o) for o in record["objects"]]
+        if len(objects) == 3:
+            named = {o["side"]: i for i, o in enumerate(objects) if o["side"]}
+            while True:
+                thirds = rng.sample(list(THIRD_BOXES), 3)
+                if not named or list(THIRD_BOXES).index(thirds[named["left"]]) < list(THIRD_BOXES).index(
+                        thirds[named["right"]]):
+                    break
+            for obj, third in zip(objects, thirds):
+                obj["side"], obj["box"] = third, list(THIRD_BOXES[third])
+            out.append({**record, "objects": objects, "sides_drawn": True})
+            continue
         if any(o["side"] is None for o in objects):
             first = rng.choice(("left", "right"))
             objects[0]["side"], objects[1]["side"] = first, "right" if first == "left" else "left"
@@ -92,20 +122,25 @@ def with_sides(records: Sequence[dict[str, Any]], seed: int = SIDES_SEED) -> lis
     return out
 
 
+def object_box(obj: dict[str, Any]) -> tuple[float, float, float, float]:
+    """The box an object of a record belongs in: its own (three-object scenes) or its side's half."""
+    return tuple(obj["box"]) if obj.get("box") else SIDE_BOXES[obj["side"]]
+
+
 def prompt_layout(objects: Sequence[dict[str, Any]]) -> Layout:
     """One region per object: its "colour shape" phrase in the box of its side (Eq. 6 score 2, certain)."""
-    return Layout([Region(f"{o['color']} {o['shape']}", box=list(SIDE_BOXES[o["side"]])) for o in objects])
+    return Layout([Region(f"{o['color']} {o['shape']}", box=list(object_box(o))) for o in objects])
 
 
-def tuning_records(limit: int | None) -> list[dict[str, Any]]:
-    records = training_pairing_prompts()
+def tuning_records(limit: int | None, scene_kind: str = "pairs") -> list[dict[str, Any]]:
+    records = triples.training_triple_prompts() if scene_kind == "triples" else training_pairing_prompts()
     if limit is not None and limit < len(records):
         records = random.Random(0).sample(records, limit)
     return with_sides(records)
 
 
-def evaluation_records(limit: int | None) -> list[dict[str, Any]]:
-    records = held_out_prompts()
+def evaluation_records(limit: int | None, scene_kind: str = "pairs") -> list[dict[str, Any]]:
+    records = triples.held_out_triple_prompts() if scene_kind == "triples" else held_out_prompts()
     if limit is not None and limit < len(records):
         records = random.Random(0).sample(records, limit)
     return with_sides(records)
@@ -133,7 +168,7 @@ def read(image, objects: Sequence[dict[str, Any]]) -> dict[str, float]:
     checked = check_prompt(image, list(objects))
     matched = match_objects(list(objects), checked["detected"])
     in_box = all(
-        d is not None and SIDE_BOXES[o["side"]][0] <= d["cx"] <= SIDE_BOXES[o["side"]][2]
+        d is not None and object_box(o)[0] <= d["cx"] <= object_box(o)[2]
         for o, d in zip(objects, matched)
     )
     return {"position": float(checked["position"]), "in_box": float(in_box), "binding": checked["binding"],
@@ -190,7 +225,7 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    records = tuning_records(args.limit)
+    records = tuning_records(args.limit, args.scene_kind)
     pipe, jobs, groups, base, start = _plain_run(args, records)
     results = []
     for setting in grid_settings(args.grid):
@@ -200,7 +235,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{setting}: " + ", ".join(f"{m} {paired[m]['after']:.3f}" for m in METRICS), flush=True)
     chosen = choose(results)
     return {
-        **_run_header(args, "training pairings", records, len(jobs)),
+        **_run_header(args, "training triples" if args.scene_kind == "triples" else "training pairings", records,
+                      len(jobs)),
         "grid": args.grid, "base": _means(base), "results": results, "chosen": chosen["setting"],
         "sides": [{"prompt": r["prompt"], "sides": [o["side"] for o in r["objects"]], "drawn": r["sides_drawn"]}
                   for r in records],
@@ -213,7 +249,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(setting, str):
         data = json.loads(Path(setting).read_text())
         setting = data.get("chosen", data)
-    records = evaluation_records(args.limit)
+    records = evaluation_records(args.limit, args.scene_kind)
     pipe, jobs, groups, base, start = _plain_run(args, records)
     rows = measure(pipe, jobs, setting, args.batch_size, args.generation)
     by_form = {}
@@ -221,7 +257,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         index = [i for i, (r, _) in enumerate(jobs) if r["form"] == form]
         by_form[form] = compare([base[i] for i in index], [rows[i] for i in index], [groups[i] for i in index])
     return {
-        **_run_header(args, "held-out pairings", records, len(jobs)), "setting": setting, "base": _means(base),
+        **_run_header(args, "held-out triples" if args.scene_kind == "triples" else "held-out pairings", records,
+                      len(jobs)),
+        "setting": setting, "base": _means(base),
         "with_layout": compare(base, rows, groups), "by_form": by_form,
         "wall_s": round(time.time() - start, 1),
     }
@@ -234,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None,
                         help="shapes (default), shapes-bow, or a RealignDiffPipeline folder")
     parser.add_argument("--limit", type=int, default=None,
-                        help="a seeded subset of this many prompts (default: sweep 48, evaluate all 192)")
+                        help="a seeded subset of this many prompts (default: sweep 48, evaluate all: 192 pairs, 480 triples)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help=f"default: sweep {TUNING_SEEDS}, evaluate {EVALUATION_SEEDS}")
     parser.add_argument("--setting", default=None,
@@ -242,24 +280,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--grid", choices=tuple(GRIDS), default="first",
                         help="sweep: the first grid (Eq. 8's settings) or the second (with the unclaimed-token and "
                         "phrase-embedding options)")
+    parser.add_argument("--scene_kind", choices=("pairs", "triples"), default=None,
+                        help="the world's scenes (default: triples for shapes-triples, else pairs)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="a reduced run: 4 prompts, 1 seed, 2 steps, 2 settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.generation = None
     args.grid = GRIDS[args.grid]
+    args.scene_kind = args.scene_kind or ("triples" if args.model == "shapes-triples" else "pairs")
+    if args.scene_kind == "triples":
+        args.generation = {"height": triples.RESOLUTION, "width": triples.RESOLUTION}
+        args.grid = TRIPLE_GRID
     if args.command == "sweep":
         args.limit = 48 if args.limit is None else args.limit
         args.seeds = args.seeds or TUNING_SEEDS
     else:
-        args.seeds = args.seeds or EVALUATION_SEEDS
+        args.seeds = args.seeds or (TRIPLE_EVALUATION_SEEDS if args.scene_kind == "triples" else EVALUATION_SEEDS)
         if args.setting is None:
             parser.error("evaluate needs --setting (the sweep's JSON or a JSON object of pipeline arguments)")
         if args.setting.lstrip().startswith("{"):
             args.setting = json.loads(args.setting)
     if args.quick:
         args.limit, args.seeds, args.batch_size = 4, [0], 4
-        args.generation = {"num_inference_steps": 2}
+        args.generation = {**(args.generation or {}), "num_inference_steps": 2}
         args.grid = {"cross_attention_strength": [1.0, 4.0]}
     result = (sweep if args.command == "sweep" else evaluate)(args)
     print(f"wrote {write_json(args.out, result)} in {result['wall_s']} s", flush=True)
