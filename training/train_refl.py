@@ -463,10 +463,8 @@ MODEL_CARD_SETTINGS = (
 
 def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) -> None:
     """``output_dir/README.md``: diffusers' training model card with the run's settings, counts and images."""
-    from unittest import mock
-
-    import huggingface_hub
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
 
     base = args.pretrained_model_name_or_path
     kind = (
@@ -500,16 +498,14 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         else ['pipe = RealignDiffPipeline.from_pretrained("<this folder or repo>")']
     )
     lines += ["## Use", "", "```python", "from realign_pipeline import RealignDiffPipeline", *load, "```", ""]
-    # load_or_create_model_card asks the hub for the repo's card first. The card describes this run, not an
-    # earlier push, and an offline machine would wait through that request's retries (~20 s), so the lookup
-    # stays in the local cache.
-    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
-        card = load_or_create_model_card(
-            args.hub_model_id or Path(args.output_dir).name,
-            from_training=True,
-            base_model=base,
-            model_description="\n".join(lines),
-        )
+    # diffusers' training template, as load_or_create_model_card builds it when the repo has no card yet. That
+    # function would first fetch the repo's card from the Hub: an earlier push's card instead of this run's, or,
+    # offline, a wait through the request's retries.
+    card = ModelCard.from_template(
+        card_data=ModelCardData(library_name="diffusers", base_model=base),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description="\n".join(lines),
+    )
     tags = ["stable-diffusion", "text-to-image", "diffusers", "realigndiff", "refl"]
     card = populate_model_card(card, tags=tags + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
