@@ -103,3 +103,30 @@ def test_the_placebo_of_a_box_only_region_uses_the_worlds_size(fine_stage_rates)
     (alone,) = fine_stage_rates.placebo_layout(Layout([Region("red circle", box=[0.0, 0.0, 0.5, 1.0])]), size=48)
     mask = np.asarray(alone.mask)
     assert mask.shape == (48, 48) and mask[:, 24:].min() == 1.0 and mask[:, :24].max() == 0.0
+
+
+def test_compare_runs_pairs_the_fine_images_of_two_runs(fine_stage_rates, tmp_path):
+    import json
+
+    import compare_runs
+
+    def row(prompt, seed, coarse, fine):
+        return {"prompt": prompt, "seed": seed, "pairing": prompt.split()[1],
+                "coarse": {"binding": 1.0, "presence": 1.0, "position": coarse},
+                "fine": {"binding": 1.0, "presence": 1.0, "position": fine}}
+
+    first = {"splits": {"held-out": {"rows": [row("a red x", 0, 0.0, 0.0), row("a blue y", 0, 1.0, 1.0),
+                                              row("a green z", 1, 0.0, 1.0)]}}}
+    second = {"splits": {"held-out": {"rows": [row("a red x", 0, 0.0, 1.0), row("a blue y", 0, 1.0, 0.0)]}}}
+    result = compare_runs.compare(first, second)
+    assert (result["position"]["fixed"], result["position"]["broken"], result["position"]["n"]) == (1, 1, 2)
+    paths = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path, data in zip(paths, (first, second)):
+        path.write_text(json.dumps(data))
+    written = compare_runs.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "paired.json")])
+    assert json.loads((tmp_path / "paired.json").read_text()) == written
+    second["splits"]["held-out"]["rows"][0]["coarse"]["position"] = 1.0  # another coarse image: not comparable
+    with pytest.raises(SystemExit, match="coarse images differ"):
+        compare_runs.compare(first, second)
+    with pytest.raises(SystemExit, match="not in the first"):
+        compare_runs.compare({"splits": {"held-out": {"rows": []}}}, second)

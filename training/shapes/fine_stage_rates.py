@@ -6,6 +6,9 @@
         --model shapes-triples --splits held-out half-b
     python training/shapes/fine_stage_rates.py --out docs/shapes_relation_correction.json --correct_relations \
         --forms left right --splits held-out
+    python training/shapes/fine_stage_rates.py --out docs/shapes_relation_correction_tuned.json --correct_relations \
+        --forms left right --splits held-out --setting '{"cross_attention_strength": 1.0, \
+        "modulation_fraction": 0.3, "timestep_power": 1.0, "self_attention_strength": 0.3}'
 
 For every (prompt, seed): the coarse image, the dense caption and the fine image of ``realign=True``, and a
 **placebo**: the same fine pass from the same noise with the phrases of the captioned layout exchanged between
@@ -32,6 +35,7 @@ The protocol, fixed before any result was seen:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -175,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="the world's scenes (default: triples for shapes-triples, else pairs)")
     parser.add_argument("--correct_relations", action="store_true",
                         help="the dense captioner corrects layouts that violate the prompt's relation (beyond the paper)")
+    parser.add_argument("--setting", default=None,
+                        help="a JSON object of modulation arguments for the fine pass (default: the pipeline's, the "
+                        "paper's), e.g. the layout-control setting of docs/shapes_layout_sweep.json")
     parser.add_argument("--forms", nargs="+", default=None, choices=("and", "with", "left", "right"),
                         help="only prompts of these caption forms (e.g. left right for relation correction)")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -193,10 +200,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seeds, selection, hard_seeds, limit = [0], [0, 1], [100], 4
     pipe = load_pipeline(args.model, need_captioner=True)
     pipe.dense_captioner.correct_relations = args.correct_relations
+    setting = json.loads(args.setting) if args.setting else {}
+    generation.update(setting)
     result: dict[str, Any] = {
         "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
         "model": args.model or "shapes", "scene_kind": scene_kind, "generation": generation,
-        "correct_relations": args.correct_relations, "forms": args.forms, "splits": {},
+        "correct_relations": args.correct_relations, "forms": args.forms, "setting": setting, "splits": {},
     }
     for split in args.splits:
         start = time.time()
