@@ -318,9 +318,9 @@ class BoxGrounder:
 IMAGE = PIL.Image.new("RGB", (40, 24))
 
 
-def test_captioner_leaves_the_layout_alone_by_default():
-    captioner = DenseCaptioner(NounTagger(), RuleBasedLLM(), BoxGrounder())
-    assert captioner.correct_relations is False
+def test_captioner_corrects_by_default_and_leaves_the_layout_alone_when_told():
+    assert DenseCaptioner(NounTagger(), RuleBasedLLM(), BoxGrounder()).correct_relations is True
+    captioner = DenseCaptioner(NounTagger(), RuleBasedLLM(), BoxGrounder(), correct_relations=False)
     layout = captioner([IMAGE], [PROMPT])[0]
     assert {r.phrase: r.box for r in layout} == WRONG and "relations" not in layout.source
 

@@ -79,7 +79,9 @@ def test_the_demo_shows_seeds_the_plain_pipeline_gets_wrong(run_demo, pipe):
     # the measured rates, copied from the package's file, with the note that 6 steps is not what was measured
     assert summary["measured_rates"] == json.loads(measured_rates_path().read_text())
     assert "num_inference_steps 20 there, 6 here" in summary["measured_rates_note"]
-    assert "measured on the held-out prompts" in text and "a placebo (phrases exchanged) fixed 3 of 32" in text
+    placebo = summary["measured_rates"]["placebo"]
+    assert "measured on the held-out relation prompts" in text
+    assert f"a placebo (phrases exchanged) fixed {placebo['fixed']} of {placebo['base_wrong']}" in text
 
     control = summary["layout_control"]
     assert control["seed"] == summary["seeds"][0] and control["setting"] == demo_module.LAYOUT_CONTROL_SETTING
@@ -126,10 +128,8 @@ def test_the_demo_runs_without_the_rates_file(run_demo, monkeypatch, tmp_path):
 
 
 def test_the_rates_file_holds_the_measured_held_out_run():
-    """The package's rates are docs/shapes_fine_stage_rates.json's held-out split, not other numbers."""
-    docs = Path(__file__).resolve().parents[1] / "docs" / "shapes_fine_stage_rates.json"
-    if not docs.exists():
-        pytest.skip("docs/ is not in this checkout")
+    """The package's rates are docs/shapes_relation_correction.json's held-out split, not other numbers."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "shapes_relation_correction.json"
     measured = json.loads(docs.read_text())
     held_out = measured["splits"]["held-out"]["rates"]
     rates, problem = load_measured_rates()
@@ -140,7 +140,10 @@ def test_the_rates_file_holds_the_measured_held_out_run():
         assert set(rates[key]) == {"fixed", "base_wrong", "fix_rate", "fix_rate_ci", "broken", "base_right",
                                    "break_rate", "break_rate_ci"}
     assert {k: rates["configuration"][k] for k in measured["generation"]} == measured["generation"]
-    assert "fine_stage_rates.py" in rates["command"] and rates["machine"] and rates["run_time"]
+    assert rates["configuration"]["correct_relations"] is measured["correct_relations"] is True
+    assert rates["configuration"]["forms"] == measured["forms"]
+    assert "fine_stage_rates.py" in rates["command"] and "--correct_relations" in rates["command"]
+    assert rates["machine"] and rates["run_time"]
 
 
 @pytest.mark.parametrize("prompt, expected", [

@@ -108,8 +108,10 @@ class DenseCaptioner:
             the layout violates, move the two regions (boxes and masks, by translation, inside the image) so it
             holds, before the fine pass. The relations come from the LLM's ``relations(prompt, phrases)``, or
             from the rule-based parser when the LLM has no such method. The layout's ``source["relations"]``
-            says what was moved (relation, phrases, old and new boxes) or why nothing was. Off by default
-            until its effect is measured (fix and break rates on position, with binding and presence beside).
+            says what was moved (relation, phrases, old and new boxes) or why nothing was. On by default: in
+            both shapes worlds it fixed 23 and 26 more wrongly placed images than the fine stage without it
+            (of 288 relation prompts each) and broke 2, with binding and presence unchanged within their CIs
+            (docs/shapes.md, "Relation correction"); not yet measured on Stable Diffusion.
 
     Objects the LLM scores 0 are dropped (``s = 0`` would not modulate anyway); objects the grounder finds no
     box for get no region, and both are recorded in the layout's ``source`` (``dropped_tags``,
@@ -122,7 +124,7 @@ class DenseCaptioner:
         llm: LLM | None = None,
         grounder: Grounder | None = None,
         add_prompt_objects: bool = True,
-        correct_relations: bool = False,
+        correct_relations: bool = True,
     ):
         if tagger is None:
             from .tagger import ClipTagger

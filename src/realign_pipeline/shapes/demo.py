@@ -238,7 +238,9 @@ def _print_rates(
         print(f"  these are the rates of that configuration, not of this prompt ({'; '.join(differences)})")
 
 
-def _rates_differences(rates: dict[str, Any], prompt: str, call: dict[str, Any], hand_layout: bool) -> list[str]:
+def _rates_differences(
+    rates: dict[str, Any], prompt: str, call: dict[str, Any], hand_layout: bool, correct_relations: bool
+) -> list[str]:
     """How this run differs from the configuration the rates were measured on (empty: it does not)."""
     from . import world
 
@@ -247,8 +249,12 @@ def _rates_differences(rates: dict[str, Any], prompt: str, call: dict[str, Any],
     if rates.get("world") != "shapes":
         differences.append(f"world {rates.get('world')!r} there, 'shapes' here")
     listing = _PROMPT_SETS.get(config.get("prompts"))
-    if listing is None or prompt not in {record["prompt"] for record in getattr(world, listing)()}:
+    forms = tuple(config["forms"]) if config.get("forms") else None
+    if listing is None or prompt not in {record["prompt"] for record in getattr(world, listing)(forms)}:
         differences.append("this prompt is not one of them")
+    if "correct_relations" in config and config["correct_relations"] != correct_relations:
+        differences.append(f"relation correction {'on' if config['correct_relations'] else 'off'} there, "
+                           f"{'on' if correct_relations else 'off'} here")
     for key in ("height", "width", "num_inference_steps", "guidance_scale"):
         if config.get(key) != call[key]:
             differences.append(f"{key} {config.get(key)} there, {call[key]} here")
@@ -427,7 +433,10 @@ def shapes_demo(args: argparse.Namespace) -> int:
             timings["layout_control"] = time.perf_counter() - start
 
     rates, rates_problem = load_measured_rates(measured_rates_path())
-    differences = _rates_differences(rates, prompt, call, hand_layout is not None) if rates is not None else []
+    correct_relations = bool(getattr(pipe.dense_captioner, "correct_relations", False))
+    differences = (
+        _rates_differences(rates, prompt, call, hand_layout is not None, correct_relations) if rates is not None else []
+    )
 
     files.append(_save(_stack(panels).save, out / "panel.png"))
     if maps_image is not None:
