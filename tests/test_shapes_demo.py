@@ -20,6 +20,7 @@ from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.demo import (
     DEFAULT_GUIDANCE,
     DEFAULT_PROMPT,
+    DEFAULT_PROMPT_CHOICE,
     LAYOUT_PANEL_SIDE,
     PADDING,
     load_measured_rates,
@@ -86,7 +87,7 @@ def test_the_demo_shows_seeds_the_plain_pipeline_gets_wrong(run_demo, pipe):
     control = summary["layout_control"]
     assert control["seed"] == summary["seeds"][0] and control["setting"] == demo_module.LAYOUT_CONTROL_SETTING
     assert [(r["phrase"], r["box"]) for r in control["regions"]] == [
-        ("blue circle", [0.0, 0.0, 0.5, 1.0]), ("yellow square", [0.5, 0.0, 1.0, 1.0])]
+        ("purple triangle", [0.0, 0.0, 0.5, 1.0]), ("blue square", [0.5, 0.0, 1.0, 1.0])]
     for key, name in (("plain", f"coarse_{control['seed']}.png"), ("with_layout", f"layout_{control['seed']}.png")):
         assert all(control[key][field] in (0.0, 1.0) for field in ("position", "binding", "presence"))
         reading = check_prompt(PIL.Image.open(out / name).convert("RGB"), objects)
@@ -158,3 +159,17 @@ def test_prompt_layout_gives_each_phrase_its_half(prompt, expected):
     assert [o["side"] for o in objects] == [side for _, side in expected]
     with pytest.raises(ValueError, match="two objects"):
         prompt_layout(parse_shapes_prompt("a red circle"))
+
+
+def test_the_default_prompt_is_the_one_its_rule_names():
+    """DEFAULT_PROMPT_CHOICE: the held-out relation prompt whose wrongly placed coarse images the fine stage with
+    relation correction fixed most often (ties: the higher share), in the measured run."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "shapes_relation_correction.json"
+    fixed: dict[str, int] = {}
+    wrong: dict[str, int] = {}
+    for row in json.loads(docs.read_text())["splits"]["held-out"]["rows"]:
+        if row["coarse"]["position"] == 0:
+            wrong[row["prompt"]] = wrong.get(row["prompt"], 0) + 1
+            fixed[row["prompt"]] = fixed.get(row["prompt"], 0) + (row["fine"]["position"] == 1 and row["fine"]["binding"] == 1)
+    best = max(fixed, key=lambda p: (fixed[p], fixed[p] / wrong[p]))
+    assert best == DEFAULT_PROMPT and f"{fixed[best]} of {wrong[best]}" in DEFAULT_PROMPT_CHOICE
