@@ -39,6 +39,7 @@ __all__ = [
     "BlipItmScore",
     "CaptionRewardScore",
     "ClipScore",
+    "Metric",
     "NegClipScore",
     "check_pairs",
 ]
@@ -77,22 +78,30 @@ def check_pairs(images: Any, prompts: str | Sequence[str]) -> tuple[Any, list[st
     return images, prompts
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    kept = [v for v in values if v is not None]
+    if not kept:
         return math.nan, math.nan
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(kept, dtype=torch.float64)
     return float(t.mean()), float(t.std(unbiased=False))
 
 
-class _Metric:
-    """The accumulator shared by the metrics: subclasses define ``name``, ``fields`` (the first is the main
-    score) and ``_score(images, prompts) -> {field: (N,) tensor}``."""
+def _per_image(values: torch.Tensor | Sequence[float | None]) -> list[float | None]:
+    if isinstance(values, torch.Tensor):
+        return values.detach().double().cpu().reshape(-1).tolist()
+    return [None if v is None else float(v) for v in values]
+
+
+class Metric:
+    """The accumulator every metric builds on: subclasses define ``name``, ``fields`` (the first is the main
+    score) and ``_score(images, prompts) -> {field: per-image scores}``, each a ``(N,)`` tensor or a sequence
+    of floats in which ``None`` marks an image the field does not apply to (left out of its mean)."""
 
     name = "metric"
     fields: tuple[str, ...] = ("score",)
 
     def __init__(self) -> None:
-        self.scores: dict[str, list[float]] = {}
+        self.scores: dict[str, list[float | None]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -103,7 +112,7 @@ class _Metric:
     def count(self) -> int:
         return len(self.scores[self.fields[0]])
 
-    def _score(self, images: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _score(self, images: Any, prompts: list[str]) -> dict[str, torch.Tensor | Sequence[float | None]]:
         raise NotImplementedError
 
     def update(self, images: Any, prompts: str | Sequence[str]) -> None:
@@ -113,11 +122,12 @@ class _Metric:
             return
         with torch.no_grad():
             out = self._score(images, prompts)
-        for f in self.fields:
-            v = out[f].detach().double().cpu().reshape(-1)
-            if v.numel() != len(prompts):
-                raise RuntimeError(f"{self.name}: {v.numel()} {f} scores for {len(prompts)} images")
-            self.scores[f].extend(v.tolist())
+        values = {f: _per_image(out[f]) for f in self.fields}
+        for f, v in values.items():
+            if len(v) != len(prompts):
+                raise RuntimeError(f"{self.name}: {len(v)} {f} scores for {len(prompts)} images")
+        for f, v in values.items():
+            self.scores[f].extend(v)
 
     def model_info(self) -> dict[str, Any]:
         return {}
@@ -137,7 +147,7 @@ class _Metric:
         return f"{type(self).__name__}({self.model_info()}, count={self.count})"
 
 
-class ClipScore(_Metric):
+class ClipScore(Metric):
     """CLIP score: the **raw cosine** of CLIP's projected image and text embeddings, in ``[-1, 1]``.
 
     ``mean`` / ``std`` are the raw cosine; ``clipscore_100_mean`` / ``_std`` are the conventional
@@ -196,7 +206,7 @@ class NegClipScore(ClipScore):
         return cls(ClipScorer.from_pretrained(str(id_or_path), device=device, dtype=dtype, **kwargs))
 
 
-class BlipItmScore(_Metric):
+class BlipItmScore(Metric):
     """BLIP-2 image-text matching: the ITM head's match probability (``mean``, in ``[0, 1]``) and, as a second
     number, the ITC cosine (``itc_mean``: the largest cosine between the 32 query embeddings and the text
     ``[CLS]`` embedding, in ``[-1, 1]``). Both through :class:`~realign_pipeline.rewards.BlipItmReward`
@@ -234,7 +244,7 @@ class BlipItmScore(_Metric):
         return {"itm": self.itm.score(images, prompts), "itc": self.itc.score(images, prompts)}
 
 
-class CaptionRewardScore(_Metric):
+class CaptionRewardScore(Metric):
     """The caption reward of Eq. 4 as a metric: ``cos(E_text(BLIP-2 caption of the image), E_text(prompt))``
     with greedy captions, through :class:`~realign_pipeline.rewards.CaptionReward`. The captions used are
     kept in :attr:`captions` (update order)."""

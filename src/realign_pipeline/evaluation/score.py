@@ -14,9 +14,9 @@ generation step resumes with: a line cut short by a killed run is ignored with a
 again when the generation resumes.
 
 Confidence intervals: every per-image metric gets ``ci_low`` / ``ci_high``, a 95% percentile bootstrap of the
-mean (seeded, :func:`bootstrap_ci`). The resampled unit is the *prompt* (:func:`prompt_key`: the manifest
-record's set and id, else its index), so several images of one prompt (several seeds, or images per prompt)
-stay together. The per-image numbers are written to ``per_image.jsonl`` so that folders of the same
+mean (seeded, :func:`~.statistics.bootstrap_ci`). The resampled unit is the *prompt* (:func:`prompt_key`: the
+manifest record's set and id, else its index), so several images of one prompt (several seeds, or images per
+prompt) stay together. The per-image numbers are written to ``per_image.jsonl`` so that folders of the same
 configuration with other seeds can be pooled (:func:`combine_scores`).
 """
 
@@ -28,11 +28,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 
 from .manifest import read_manifest
+from .statistics import bootstrap_ci, summarize  # also importable from here, as scripts and docs do
 
 __all__ = [
     "METRIC_NAMES",
@@ -56,77 +56,6 @@ SHAPES_FIELDS = ("presence", "binding", "binding_fraction", "position")
 PER_IMAGE_FILE = "per_image.jsonl"
 #: Metrics whose spec ``"shapes"`` means the shipped shapes-world model(s).
 _SHAPES_SPECS = {"clip": ("clip",), "blip_itm": ("blip2-itm",), "caption_reward": ("blip2-captioner", "blip2-itm")}
-
-
-# --- bootstrap ----------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    values: Sequence[float | None],
-    groups: Sequence[Any] | None = None,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile-bootstrap CI ``(low, high)`` of the mean of ``values`` (``None`` / NaN left out).
-
-    Without ``groups`` images are resampled; with ``groups`` (one label per value, e.g. the prompt) the groups
-    are resampled with replacement, each bringing all its values, and a resample's mean is over its values (a
-    cluster bootstrap: several seeds of one prompt are not independent draws). Seeded: the same inputs and
-    seed give the same interval. Constant values give ``(x, x)``; no values give ``(nan, nan)``.
-    """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    labels = list(range(len(values))) if groups is None else list(groups)
-    if len(labels) != len(values):
-        raise ValueError(f"{len(values)} values but {len(labels)} group labels")
-    keep = [(g, float(v)) for g, v in zip(labels, values) if v is not None and not math.isnan(float(v))]
-    if not keep:
-        return math.nan, math.nan
-    x = np.array([v for _, v in keep], dtype=np.float64)
-    if np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    index: dict[Any, int] = {}
-    ids = np.array([index.setdefault(g, len(index)) for g, _ in keep])
-    sums = np.bincount(ids, weights=x)
-    counts = np.bincount(ids).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    g = len(sums)
-    means = np.empty(n_resamples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // g)  # bounded memory for large sets
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        draw = rng.integers(0, g, size=(stop - start, g))
-        means[start:stop] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    alpha = (1.0 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(low), float(high)
-
-
-def summarize(
-    values: Sequence[float | None],
-    groups: Sequence[Any] | None = None,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """``{"mean", "std", "n", "n_prompts", "ci_low", "ci_high", "confidence"}`` of ``values`` (``None`` / NaN
-    left out; ``std`` is the population std; ``n_prompts``: distinct ``groups`` among the kept values)."""
-    labels = list(range(len(values))) if groups is None else list(groups)
-    kept = [(g, float(v)) for g, v in zip(labels, values) if v is not None and not math.isnan(float(v))]
-    low, high = bootstrap_ci(values, groups, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    x = np.array([v for _, v in kept], dtype=np.float64)
-    return {
-        "mean": float(x.mean()) if len(x) else math.nan,
-        "std": float(x.std()) if len(x) else math.nan,
-        "n": len(x),
-        "n_prompts": len({g for g, _ in kept}),
-        "ci_low": low,
-        "ci_high": high,
-        "confidence": confidence,
-    }
 
 
 def prompt_key(entry: dict[str, Any]) -> str:
@@ -365,7 +294,7 @@ def score_folder(
     The result: ``{"config", "prompt_set", "num_images", "metrics": {name: {"mean", "std", "n", "model",
     "ci_low", "ci_high", "confidence", "n_prompts", ...}}}``; FID's ``mean`` is its value (``std`` is ``None``, no
     CI). The CI is a ``confidence`` percentile bootstrap with ``bootstrap`` resamples of the prompts (seed
-    ``ci_seed``), see :func:`bootstrap_ci`; a metric's second numbers get ``<field>_ci_low`` / ``_ci_high``. The
+    ``ci_seed``), see :func:`~.statistics.bootstrap_ci`; a metric's second numbers get ``<field>_ci_low`` / ``_ci_high``. The
     per-image numbers go to ``per_image.jsonl`` (see :func:`combine_scores`).
     """
     folder = Path(folder)

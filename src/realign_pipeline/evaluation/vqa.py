@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..rewards.base import pixel_values_for
-from .metrics import _Metric
+from .metrics import Metric
 
 __all__ = ["DEFAULT_BLIP_VQA_MODEL", "BlipVqaScore", "vqa_questions"]
 
@@ -39,7 +39,7 @@ def vqa_questions(prompt: str) -> list[str]:
     return [f"{p}?" for p in phrases]
 
 
-class BlipVqaScore(_Metric):
+class BlipVqaScore(Metric):
     """BLIP-VQA score (T2I-CompBench style, an approximation; see the module docstring): per image, the
     product over the prompt's noun phrases of P("yes" | image, "<phrase>?"), in ``[0, 1]``.
 

@@ -22,6 +22,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..evaluation.metrics import Metric
+from ..evaluation.statistics import summarize
 from .checker import check_prompt
 from .triples import TRIPLE_FORMS
 from .world import CAPTION_FORMS, COLORS, SHAPES
@@ -88,8 +90,11 @@ def _as_pil(image: Any) -> PIL.Image.Image | np.ndarray:
     return image
 
 
-class ShapesAlignmentScore:
+class ShapesAlignmentScore(Metric):
     """Presence, binding, binding fraction and position of shapes-world images, with bootstrap CIs.
+
+    A :class:`~realign_pipeline.evaluation.metrics.Metric` whose model is the world's checker; ``compute`` adds
+    a bootstrap CI to every field, as the shapes tables report them.
 
     Args:
         n_resamples: bootstrap resamples of the CIs; confidence: the CI's level (0.95); seed: the bootstrap's
@@ -103,10 +108,9 @@ class ShapesAlignmentScore:
         self.n_resamples = int(n_resamples)
         self.confidence = float(confidence)
         self.seed = int(seed)
-        self.scores: dict[str, list[float | None]] = {}
         self.objects: list[list[dict[str, Any]]] = []
         self.detected: list[list[dict[str, Any]]] = []
-        self.reset()
+        super().__init__()
 
     @classmethod
     def from_pretrained(cls, id_or_path: str | None = None, device: Any = None, dtype: Any = None, **kwargs: Any):
@@ -117,42 +121,36 @@ class ShapesAlignmentScore:
 
     def reset(self) -> None:
         """Forget every score."""
-        self.scores = {f: [] for f in self.fields}
+        super().reset()
         self.objects = []
         self.detected = []
 
-    @property
-    def count(self) -> int:
-        return len(self.scores[self.fields[0]])
+    def model_info(self) -> dict[str, Any]:
+        return {"model": None, "checker": "realign_pipeline.shapes.checker"}
 
-    def update(self, images: Any, prompts: str | Sequence[str]) -> None:
-        """Check ``images`` (PIL images, arrays, or a ``(B, C, H, W)`` tensor in ``[-1, 1]``) against their
-        prompts, one prompt per image. Every prompt is parsed before any image is checked."""
-        from ..evaluation.metrics import check_pairs
-
-        images, prompts = check_pairs(images, prompts)
+    def _score(self, images: Any, prompts: list[str]) -> dict[str, list[float | None]]:
+        """The checker's reading of each image (PIL image, array, or ``(C, H, W)`` tensor in ``[-1, 1]``);
+        every prompt is parsed before any image is checked."""
         objects = [parse_shapes_prompt(p) for p in prompts]
+        scores: dict[str, list[float | None]] = {f: [] for f in self.fields}
         for image, objs in zip(images, objects):
             result = check_prompt(_as_pil(image), objs)
             for f in self.fields:
-                value = result[f]
-                self.scores[f].append(None if value is None else float(value))
+                scores[f].append(result[f])
             self.objects.append(objs)
             self.detected.append(result["detected"])
+        return scores
 
     def summary(self, field: str, groups: Sequence[Any] | None = None) -> dict[str, Any]:
         """``{"mean", "std", "n", "ci_low", "ci_high", "confidence"}`` of one field over the images that have
         it; ``groups`` (one label per image) resamples groups, e.g. prompts, instead of images."""
-        from ..evaluation.score import summarize
-
         return summarize(self.scores[field], groups=groups, n_resamples=self.n_resamples,
                          confidence=self.confidence, seed=self.seed)
 
     def compute(self, groups: Sequence[Any] | None = None) -> dict[str, Any]:
-        """``{"metric", "model", "checker", "count", "mean", "std", <field>: summary}``; ``mean`` / ``std`` are
+        """``{"metric", "model", "checker", "count", <field>: summary, "mean", "std"}``; ``mean`` / ``std`` are
         binding's. ``groups``: see :meth:`summary`."""
-        result: dict[str, Any] = {"metric": self.name, "model": None, "checker": "realign_pipeline.shapes.checker",
-                                  "count": self.count}
+        result: dict[str, Any] = {"metric": self.name, **self.model_info(), "count": self.count}
         for f in self.fields:
             result[f] = self.summary(f, groups)
         result["mean"], result["std"] = result[self.fields[0]]["mean"], result[self.fields[0]]["std"]
