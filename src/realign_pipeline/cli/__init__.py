@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 PROG = "realigndiff"
 EXIT_OK = 0
@@ -206,13 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------
 def demo_layout():
     """The built-in layout of the demo prompt: "red book" in the left half, "yellow vase" in the right half."""
-    from .layout import Layout, Region
+    from ..layout import Layout, Region
 
     return Layout([Region(phrase, box=box, score=2.0) for phrase, box in DEMO_REGIONS])
 
 
 def _load_layout(path: str):
-    from .layout import Layout, LayoutError
+    from ..layout import Layout, LayoutError
 
     try:
         layout = Layout.from_json(Path(path))
@@ -295,7 +295,7 @@ def _collect_warnings(notes: list[str]) -> Iterator[None]:
 
 def phrase_words(tokenizer, prompt: str, token_indices: Sequence[int]) -> list[str]:
     """Keys of ``attention_maps`` (words of `prompt`, repeats as ``word#2``) whose tokens overlap `token_indices`."""
-    from .tokens import unique_word_keys, word_token_spans
+    from ..tokens import unique_word_keys, word_token_spans
 
     spans = word_token_spans(tokenizer, prompt)
     wanted = set(token_indices)
@@ -336,7 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layout-guided generation on the tiny random model, with pictures."""
     if not getattr(args, "tiny", False):
         try:
-            from .shapes.demo import shapes_demo
+            from ..shapes.demo import shapes_demo
         except ModuleNotFoundError as error:
             if error.name not in ("realign_pipeline.shapes", "realign_pipeline.shapes.demo"):
                 raise
@@ -354,10 +354,10 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .layout import LayoutError, resolve_layout
-    from .pipeline import RealignDiffPipeline
-    from .testing import tiny_pipeline
-    from .visualize import PALETTE, attention_grid, display_size, figure6_panel, overlay_layout, region_box
+    from ..layout import LayoutError, resolve_layout
+    from ..pipeline import RealignDiffPipeline
+    from ..testing import tiny_pipeline
+    from ..visualize import PALETTE, attention_grid, display_size, figure6_panel, overlay_layout, region_box
 
     layout = _load_layout(args.layout) if args.layout else demo_layout()
     out = Path(args.out)
@@ -624,7 +624,7 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, Value
 def _make_llm(args: argparse.Namespace, notes: list[str]):
     import os
 
-    from .captioner import RuleBasedLLM, make_llm
+    from ..captioner import RuleBasedLLM, make_llm
 
     if args.llm == "rule":
         return RuleBasedLLM()
@@ -656,7 +656,7 @@ def _default_captioner_options(args: argparse.Namespace) -> bool:
 
 def _make_captioner(args: argparse.Namespace, device: str, dtype, notes: list[str]):
     """The dense captioner with every model loaded now (so a missing model fails before any generation)."""
-    from .captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder
+    from ..captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder
 
     llm = _make_llm(args, notes)
     kwargs = {} if args.tag_threshold is None else {"thresholds": args.tag_threshold}
@@ -701,9 +701,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``realigndiff generate``: RealignDiff on a real (or local) Stable Diffusion model, with pictures."""
     import torch
 
-    from .layout import Layout
-    from .pipeline import RealignDiffPipeline
-    from .visualize import display_size, figure6_panel, figure7_maps
+    from ..layout import Layout
+    from ..pipeline import RealignDiffPipeline
+    from ..visualize import display_size, figure6_panel, figure7_maps
 
     prompts = _read_prompts(args)
     hand_layout = _load_layout(args.layout) if args.layout else None
@@ -728,7 +728,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = args.model
     if model in ("shapes", "shapes:pipeline", "shapes-bow", "shapes:pipeline-bow"):
-        from .shapes.pretrained import SHAPES_WORLDS, shapes_model_path
+        from ..shapes.pretrained import SHAPES_WORLDS, shapes_model_path
 
         try:
             model = str(shapes_model_path(SHAPES_WORLDS.get(model) or model.removeprefix("shapes:")))
@@ -1061,8 +1061,8 @@ def _add_evaluate_run_parser(subparsers: Any) -> None:
 
 def cmd_evaluate_run(args: argparse.Namespace) -> int:
     """``realigndiff evaluate run``: generate, score and report (``evaluation.run.run_evaluation``)."""
-    from .evaluation.configs import load_config
-    from .evaluation.run import run_evaluation
+    from ..evaluation.configs import load_config
+    from ..evaluation.run import run_evaluation
 
     names = [name for group in args.configs for name in group] + list(args.config_files)
     if not names:
@@ -1141,9 +1141,9 @@ def _process_share(args: argparse.Namespace) -> tuple[int, int, str | None]:
 
 def cmd_evaluate_generate(args: argparse.Namespace) -> int:
     """``realigndiff evaluate generate``: one configuration's images of one prompt set."""
-    from .evaluation.configs import load_config
-    from .evaluation.generate import generate_images
-    from .evaluation.prompts import load_prompts
+    from ..evaluation.configs import load_config
+    from ..evaluation.generate import generate_images
+    from ..evaluation.prompts import load_prompts
 
     try:
         config = load_config(args.config)
@@ -1243,6 +1243,3 @@ def cmd_evaluate_study_results(args: argparse.Namespace) -> int:
     if args.out:
         _save(lambda path: path.write_text(text + "\n"), Path(args.out))
     return EXIT_OK
-
-if __name__ == "__main__":
-    raise SystemExit(main())
