@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from realign_pipeline import Layout, Region, __version__
-from realign_pipeline.cli import DEMO_REGIONS, main
+from realign_pipeline.cli import main
+from realign_pipeline.cli.demo import DEMO_REGIONS
 from realign_pipeline.visualize import attention_grid, display_size, heatmap, overlay_layout, region_box
 
 DEMO_FILES = (
@@ -77,7 +78,7 @@ def test_demo_summary_numbers(demo_run):
 
 
 def test_demo_intro_says_random_and_shows_real_usage():
-    from realign_pipeline.cli import _intro, demo_layout
+    from realign_pipeline.cli.demo import _intro, demo_layout
 
     intro = _intro("a red book and a yellow vase", demo_layout(), None)
     assert intro.startswith("realigndiff demo: these are tiny RANDOM weights") and "NOISE" in intro
@@ -148,7 +149,7 @@ def test_demo_without_tiny_runs_the_shapes_world(monkeypatch, tmp_path):
 
 
 def test_demo_help_layout_example_is_a_valid_layout():
-    from realign_pipeline.cli import DEMO_EPILOG
+    from realign_pipeline.cli.demo import DEMO_EPILOG
 
     text = DEMO_EPILOG[DEMO_EPILOG.index("{") :]
     assert [region.phrase for region in Layout.from_json(text)] == ["cat", "sofa"]

@@ -311,13 +311,13 @@ def _layout_control(
     and what the checker reads in it and in `plain`, the plain image of the same seed."""
     import torch
 
-    from ..cli import _save
+    from ..cli.common import save_file
 
     layout, sided = prompt_layout(objects)
     guided = pipe(prompt, layout=layout, generator=torch.Generator().manual_seed(seed), **call,
                   **LAYOUT_CONTROL_SETTING).images[0]
-    files.append(_save(guided.save, out / f"layout_{seed}.png"))
-    files.append(_save(_layout_panel(layout, plain, guided).save, out / "layout_control.png"))
+    files.append(save_file(guided.save, out / f"layout_{seed}.png"))
+    files.append(save_file(_layout_panel(layout, plain, guided).save, out / "layout_control.png"))
     return {
         "seed": seed, "setting": dict(LAYOUT_CONTROL_SETTING), "setting_from": "docs/shapes_layout_control.json",
         "sides": ("sides from the prompt" if all(o["side"] for o in objects)
@@ -344,14 +344,14 @@ def shapes_demo(args: argparse.Namespace) -> int:
     """Run the demo with the parsed ``realigndiff demo`` arguments; returns the process exit code."""
     import torch
 
-    from ..cli import (
+    from ..cli.common import (
         CLIError,
-        _collect_warnings,
-        _load_layout,
-        _quiet_loading,
-        _save,
-        _torch_threads,
+        collect_warnings,
         layout_words,
+        load_layout,
+        quiet_loading,
+        save_file,
+        torch_threads,
     )
     from ..visualize import display_size, figure6_panel, figure7_maps
     from .pretrained import load_shapes_pipeline
@@ -375,16 +375,16 @@ def shapes_demo(args: argparse.Namespace) -> int:
         print(f"(the default prompt: {DEFAULT_PROMPT_CHOICE}; `--prompt` takes any caption of the world)", flush=True)
     timings: dict[str, float] = {}
     notes: list[str] = []
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         start = time.perf_counter()
         try:
-            with _quiet_loading():
+            with quiet_loading():
                 pipe = load_shapes_pipeline()
         except FileNotFoundError as error:
             raise CLIError(f"{error}; `realigndiff demo --tiny` runs without them.") from None
         pipe.set_progress_bar_config(disable=args.quiet, leave=False)
         timings["load"] = time.perf_counter() - start
-        hand_layout = _load_layout(args.layout) if args.layout else None
+        hand_layout = load_layout(args.layout) if args.layout else None
         call = {"height": height, "width": width, "num_inference_steps": args.steps, "guidance_scale": DEFAULT_GUIDANCE}
         common = {**call, "return_attention_maps": True}
 
@@ -392,7 +392,7 @@ def shapes_demo(args: argparse.Namespace) -> int:
             seeds, selection = _unsearched_seeds(args.seed, num_images)
         else:
             start = time.perf_counter()
-            with _collect_warnings(notes):
+            with collect_warnings(notes):
                 seeds, selection = _search_seeds(pipe, prompt, objects, search, num_images, call)
             timings["search"] = time.perf_counter() - start
         print(_selection_message(selection), flush=True)
@@ -402,7 +402,7 @@ def shapes_demo(args: argparse.Namespace) -> int:
         first_coarse = None
         start = time.perf_counter()
         for index, seed in enumerate(seeds):
-            with _collect_warnings(notes):
+            with collect_warnings(notes):
                 if hand_layout is not None:
                     coarse = pipe(prompt, generator=torch.Generator().manual_seed(seed), **common)
                     final = pipe(prompt, layout=hand_layout, generator=torch.Generator().manual_seed(seed), **common)
@@ -415,8 +415,8 @@ def shapes_demo(args: argparse.Namespace) -> int:
             regions = list(resolved.regions) if resolved is not None else []
             if index == 0:  # the plain image of the first seed: a realign call's coarse pass is the plain call
                 first_coarse = coarse_image
-            files.append(_save(coarse_image.save, out / f"coarse_{seed}.png"))
-            files.append(_save(image.save, out / f"realigned_{seed}.png"))
+            files.append(save_file(coarse_image.save, out / f"coarse_{seed}.png"))
+            files.append(save_file(image.save, out / f"realigned_{seed}.png"))
             panels.append(figure6_panel(coarse_image, regions, image, min_side=PANEL_SIDE))
             if index == 0 and before is not None and resolved is not None and len(resolved):
                 words = [w for w in layout_words(pipe.tokenizer, resolved) if w in before and w in final.attention_maps[0]]
@@ -437,7 +437,7 @@ def shapes_demo(args: argparse.Namespace) -> int:
             control = {"skipped": "the layout is read from a two-object caption of the world (docs/shapes.md)"}
         else:
             start = time.perf_counter()
-            with _collect_warnings(notes):
+            with collect_warnings(notes):
                 control = _layout_control(pipe, prompt, objects, seeds[0], first_coarse, call, out, files)
             timings["layout_control"] = time.perf_counter() - start
 
@@ -447,9 +447,9 @@ def shapes_demo(args: argparse.Namespace) -> int:
         _rates_differences(rates, prompt, call, hand_layout is not None, correct_relations) if rates is not None else []
     )
 
-    files.append(_save(_stack(panels).save, out / "panel.png"))
+    files.append(save_file(_stack(panels).save, out / "panel.png"))
     if maps_image is not None:
-        files.append(_save(maps_image.save, out / "attention_maps.png"))
+        files.append(save_file(maps_image.save, out / "attention_maps.png"))
     keys = ("presence", "binding") + (("position",) if objects and any(o["side"] for o in objects) else ())
     counts = {stage: {key: int(sum(r[stage][key] or 0 for r in rows)) for key in keys}
               for stage in ("coarse", "realigned_image")}
@@ -467,7 +467,7 @@ def shapes_demo(args: argparse.Namespace) -> int:
         "images": rows, "counts": counts, "notes": list(dict.fromkeys(notes)),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    files.append(_save(lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json"))
+    files.append(save_file(lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"), out / "summary.json"))
 
     print("what the checker sees (coarse -> re-aligned):")
     for row in rows:
