@@ -132,8 +132,8 @@ def test_demo_help_names_both_worlds(capsys):
 
 
 def test_demo_without_tiny_runs_the_shapes_world(monkeypatch, tmp_path):
-    """Without --tiny the demo hands the parsed arguments, unfilled, to shapes.demo.shapes_demo."""
-    import realign_pipeline.shapes.demo as shapes_demo_module
+    """Without --tiny the demo hands the parsed arguments, unfilled, to cli.shapes_demo.shapes_demo."""
+    import realign_pipeline.cli.shapes_demo as shapes_demo_module
 
     seen = {}
 

@@ -12,12 +12,11 @@ import PIL.Image
 import pytest
 import torch
 
+import realign_pipeline.cli.shapes_demo as demo_module
 import realign_pipeline.shapes.checker as checker_module
-import realign_pipeline.shapes.demo as demo_module
 import realign_pipeline.shapes.pretrained as pretrained_module
 from realign_pipeline.cli import main
-from realign_pipeline.shapes.checker import check_prompt
-from realign_pipeline.shapes.demo import (
+from realign_pipeline.cli.shapes_demo import (
     DEFAULT_GUIDANCE,
     DEFAULT_PROMPT,
     DEFAULT_PROMPT_CHOICE,
@@ -27,6 +26,7 @@ from realign_pipeline.shapes.demo import (
     measured_rates_path,
     prompt_layout,
 )
+from realign_pipeline.shapes.checker import check_prompt
 from realign_pipeline.shapes.metric import parse_shapes_prompt
 from realign_pipeline.shapes.pretrained import load_shapes_pipeline
 

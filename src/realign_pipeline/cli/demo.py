@@ -185,9 +185,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layout-guided generation on the tiny random model, with pictures."""
     if not getattr(args, "tiny", False):
         try:
-            from ..shapes.demo import shapes_demo
+            from .shapes_demo import shapes_demo
         except ModuleNotFoundError as error:
-            if error.name not in ("realign_pipeline.shapes", "realign_pipeline.shapes.demo"):
+            if error.name not in ("realign_pipeline.shapes", "realign_pipeline.cli.shapes_demo"):
                 raise
             raise CLIError("the shapes-world demo is not in this installation; run `realigndiff demo --tiny`.") from None
         return shapes_demo(args)

@@ -21,6 +21,16 @@ from typing import Any
 
 import PIL.Image
 
+from .common import (
+    CLIError,
+    collect_warnings,
+    layout_words,
+    load_layout,
+    quiet_loading,
+    save_file,
+    torch_threads,
+)
+
 __all__ = [
     "DEFAULT_PROMPT",
     "DEFAULT_PROMPT_CHOICE",
@@ -98,7 +108,7 @@ def _row(images: list[PIL.Image.Image], padding: int = PADDING) -> PIL.Image.Ima
 
 def _objects(prompt: str) -> list[dict[str, Any]] | None:
     """The objects a shapes-world caption names, or None for any other prompt (the checker cannot judge it)."""
-    from .metric import parse_shapes_prompt
+    from ..shapes.metric import parse_shapes_prompt
 
     try:
         return parse_shapes_prompt(prompt)
@@ -113,7 +123,7 @@ def _is_wrong(reading: dict[str, Any]) -> bool:
 
 def _verdict(image: PIL.Image.Image, objects: list[dict[str, Any]] | None) -> dict[str, Any]:
     """What the checker sees, and (for a shapes-world caption) whether it matches the prompt."""
-    from . import checker
+    from ..shapes import checker
 
     if objects is None:  # not one of the world's caption forms: report what is seen, judge nothing
         seen = [f"{d['color']} {d['shape']}" for d in checker.detect(image)]
@@ -145,7 +155,7 @@ def _search_seeds(
     checker reads wrong, filled with the next seeds when there are fewer."""
     import torch
 
-    from . import checker
+    from ..shapes import checker
 
     wrong: list[int] = []
     for start in range(0, search, SEARCH_BATCH):
@@ -249,7 +259,7 @@ def _rates_differences(
     rates: dict[str, Any], prompt: str, call: dict[str, Any], hand_layout: bool, correct_relations: bool
 ) -> list[str]:
     """How this run differs from the configuration the rates were measured on (empty: it does not)."""
-    from . import world
+    from ..shapes import world
 
     config = rates["configuration"]
     differences = []
@@ -289,8 +299,8 @@ def prompt_layout(objects: list[dict[str, Any]]) -> tuple[Any, list[dict[str, An
 
 def _layout_panel(layout, plain: PIL.Image.Image, guided: PIL.Image.Image) -> PIL.Image.Image:
     """``layout boxes with their phrases | plain image | image with the layout``, enlarged alike."""
+    from ..shapes.world import BACKGROUND
     from ..visualize import display_size, overlay_layout, titled
-    from .world import BACKGROUND
 
     size = display_size(plain.size, LAYOUT_PANEL_SIDE)
     blank = PIL.Image.new("RGB", plain.size, BACKGROUND)
@@ -311,8 +321,6 @@ def _layout_control(
     and what the checker reads in it and in `plain`, the plain image of the same seed."""
     import torch
 
-    from ..cli.common import save_file
-
     layout, sided = prompt_layout(objects)
     guided = pipe(prompt, layout=layout, generator=torch.Generator().manual_seed(seed), **call,
                   **LAYOUT_CONTROL_SETTING).images[0]
@@ -329,7 +337,7 @@ def _layout_control(
 
 
 def _reading(image: PIL.Image.Image, objects: list[dict[str, Any]]) -> dict[str, float | None]:
-    from . import checker
+    from ..shapes import checker
 
     result = checker.check_prompt(image, objects)
     return {key: result[key] for key in ("position", "binding", "presence")}
@@ -344,17 +352,8 @@ def shapes_demo(args: argparse.Namespace) -> int:
     """Run the demo with the parsed ``realigndiff demo`` arguments; returns the process exit code."""
     import torch
 
-    from ..cli.common import (
-        CLIError,
-        collect_warnings,
-        layout_words,
-        load_layout,
-        quiet_loading,
-        save_file,
-        torch_threads,
-    )
+    from ..shapes.pretrained import load_shapes_pipeline
     from ..visualize import display_size, figure6_panel, figure7_maps
-    from .pretrained import load_shapes_pipeline
 
     prompt = args.prompt or DEFAULT_PROMPT
     height, width = args.height or DEFAULT_SIDE, args.width or DEFAULT_SIDE
