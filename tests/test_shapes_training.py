@@ -94,6 +94,21 @@ def test_unet_trains_on_the_frozen_vae_and_clip(scripts, trained, monkeypatch):
     assert not torch.equal(saved[name], state["modules"]["unet"][name])
 
 
+def test_unet_trains_on_three_object_scenes_with_a_shipped_text_encoder(scripts, trained, monkeypatch):
+    from realign_pipeline.shapes.pretrained import shapes_model_path
+
+    out = trained / "unet-triples"
+    run(scripts["unet"], monkeypatch, "--output_dir", str(out), "--vae", str(trained / "vae" / "final"),
+        "--clip", str(shapes_model_path("pipeline-bow")), "--scenes", "triples", "--max_train_steps", "1",
+        "--train_batch_size", "2", "--log_steps", "1", "--validation_steps", "0")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "final")
+    assert unet.config.sample_size == 12  # 48 px images through the 4x VAE
+    args = json.loads((out / "final" / "training_args.json").read_text())
+    assert args["scenes"] == "triples" and args["resolution"] == 48
+
+
 @pytest.mark.parametrize("model", ["captioner", "itm"])
 def test_blip2_models_train_and_load(scripts, tmp_path, monkeypatch, model):
     run(scripts["blip2"], monkeypatch, "--model", model, "--output_dir", str(tmp_path), "--max_train_steps", "2",

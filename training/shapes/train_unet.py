@@ -3,6 +3,14 @@
     python training/shapes/train_unet.py --output_dir runs/shapes/unet \
         --vae runs/shapes/vae/final --clip runs/shapes/clip/final
 
+The three-object scenes (48 px) on the second world's bag-of-words text encoder, as the fallback was trained:
+
+    python training/shapes/train_unet.py --output_dir runs/shapes-triples/unet --scenes triples \
+        --vae src/realign_pipeline/assets/shapes/pipeline-bow/vae --clip runs/shapes-bow/clip/final \
+        --learning_rate 5e-4 --max_train_steps 4000 --checkpointing_steps 250
+
+(``--clip src/realign_pipeline/assets/shapes/pipeline-bow`` takes the shipped text encoder, stored in fp16.)
+
 As Stable Diffusion: latent diffusion, a frozen CLIP text encoder (last hidden states), 10% of captions
 dropped to "" for classifier-free guidance. Unlike SD v1.5: v-prediction with min-SNR-5 loss weighting
 (Hang et al., 2023), because it converges much faster at this scale, and an EMA of the weights, which is
@@ -120,8 +128,11 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(args.clip).eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(args.clip)
+    # --clip is a CLIP run folder, or a shipped pipeline folder (its text_encoder/ and tokenizer/)
+    shipped = (Path(args.clip) / "text_encoder").is_dir()
+    text_encoder = CLIPTextModel.from_pretrained(args.clip, **({"subfolder": "text_encoder"} if shipped else {}))
+    text_encoder = text_encoder.eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(args.clip, **({"subfolder": "tokenizer"} if shipped else {}))
     unet = make_unet(text_encoder.config.hidden_size, args.resolution)
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
