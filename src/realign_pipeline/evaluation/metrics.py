@@ -44,7 +44,7 @@ __all__ = [
     "check_pairs",
 ]
 
-#: The CLIP score's default model (the issue's ViT-L/14) and the ViT-B/32 option.
+#: The CLIP score's default model (ViT-L/14, the scorer's default) and the ViT-B/32 option.
 CLIP_VIT_L_14 = DEFAULT_CLIP_MODEL
 CLIP_VIT_B_32 = "openai/clip-vit-base-patch32"
 

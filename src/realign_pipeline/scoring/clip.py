@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 __all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "clip_preprocess_tensor", "cosine_similarity"]
 
-#: The default CLIP checkpoint (the one the issues name; ViT-B/32 is ``openai/clip-vit-base-patch32``).
+#: The default CLIP checkpoint, ViT-L/14 (ViT-B/32 is ``openai/clip-vit-base-patch32``).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
