@@ -215,18 +215,35 @@ def test_prompt_embeds_need_token_indices(pipe):
     assert "token_2" in out.attention_maps[0]
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"cross_attention_strength": -1.0}, "cross_attention_strength"),
-        ({"modulation_fraction": 1.5}, "modulation_fraction"),
-        ({"size_weight": float("nan")}, "size_weight"),
-        ({"layout": "not a layout"}, "expected a Layout"),
-    ],
-)
+BAD_ARGUMENTS = [
+    ({"cross_attention_strength": -1.0}, "cross_attention_strength"),
+    ({"modulation_fraction": 1.5}, "modulation_fraction"),
+    ({"size_weight": float("nan")}, "size_weight"),
+    ({"layout": "not a layout"}, "expected a Layout"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS)
 def test_bad_arguments_are_clear_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS)
+def test_check_inputs_raises_the_same_errors_when_called_directly(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.check_inputs(PROMPT, 64, 64, None, **kwargs)
+
+
+def test_check_inputs_checks_the_parents_arguments_and_the_layout_count(pipe):
+    pipe.check_inputs(PROMPT, 64, 64, None, layout=LAYOUT, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        pipe.check_inputs(PROMPT, 60, 64, None, layout=LAYOUT)
+    with pytest.raises(ValueError, match="3 layouts for 2 prompt"):
+        pipe.check_inputs([PROMPT, "a cat"], 64, 64, None, layout=[LAYOUT] * 3)
+    embeds = torch.zeros(2, 77, pipe.text_encoder.config.hidden_size)
+    with pytest.raises(ValueError, match="3 layouts for 2 prompt"):
+        pipe.check_inputs(None, 64, 64, None, prompt_embeds=embeds, layout=[LAYOUT] * 3)
 
 
 def test_options_change_the_result(pipe):

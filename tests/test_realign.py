@@ -178,9 +178,13 @@ def test_realign_needs_a_captioner_and_a_prompt(saved_dir, pipe):
     assert bare.dense_captioner is None
     with pytest.raises(ValueError, match="dense_captioner=DenseCaptioner"):
         run(bare, realign=True)
+    with pytest.raises(ValueError, match="dense_captioner=DenseCaptioner"):
+        bare.check_inputs(PROMPT, 64, 64, None, realign=True)
     embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
     with pytest.raises(ValueError, match="prompt text"):
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, realign=True)
+    with pytest.raises(ValueError, match="prompt text"):
+        pipe.check_inputs(None, 64, 64, None, prompt_embeds=embeds, realign=True)
 
 
 @pytest.mark.parametrize("output_type", ["pil", "pt", "latent"])

@@ -142,14 +142,6 @@ def _captioner_folder(name_or_path: str | os.PathLike, kwargs: dict) -> str | No
     return os.path.dirname(path)
 
 
-def _check_modulation_args(**values: float) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
-    if values["modulation_fraction"] > 1:
-        raise ValueError(f"`modulation_fraction` is a fraction of the steps in [0, 1], got {values['modulation_fraction']}.")
-
-
 class RealignDiffPipeline(StableDiffusionPipeline):
     r"""Stable Diffusion with RealignDiff's re-weighting attention modulation (Eq. 8 of Fang et al., 2023).
 
@@ -215,6 +207,73 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         """``DiffusionPipeline.from_pipe``; keeps the source pipeline's dense captioner unless one is passed."""
         kwargs.setdefault("dense_captioner", getattr(pipeline, "dense_captioner", None))
         return super().from_pipe(pipeline, **kwargs)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        callback_steps: int | None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        layout: Any = None,
+        num_images_per_prompt: int | None = 1,
+        cross_attention_strength: float = 1.0,
+        self_attention_strength: float = 0.0,
+        modulation_fraction: float = 0.3,
+        timestep_power: float = 5.0,
+        size_weight: float = 1.0,
+        realign: bool = False,
+    ) -> None:
+        """``StableDiffusionPipeline.check_inputs``, then the layout, modulation and ``realign`` arguments."""
+        super().check_inputs(
+            prompt,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
+        modulation = {
+            "cross_attention_strength": cross_attention_strength,
+            "self_attention_strength": self_attention_strength,
+            "modulation_fraction": modulation_fraction,
+            "timestep_power": timestep_power,
+            "size_weight": size_weight,
+        }
+        for name, value in modulation.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
+        if modulation_fraction > 1:
+            raise ValueError(f"`modulation_fraction` is a fraction of the steps in [0, 1], got {modulation_fraction}.")
+
+        if realign:
+            if self.dense_captioner is None:
+                raise ValueError(
+                    "realign=True needs a dense captioner: pass dense_captioner=DenseCaptioner(tagger, llm, grounder) "
+                    "to RealignDiffPipeline.from_pretrained(...) or set pipe.dense_captioner."
+                )
+            if prompt is None:
+                raise ValueError(
+                    "realign=True needs the prompt text (the captioner reads it); prompt_embeds alone won't do."
+                )
+
+        # the layouts' types and their count against the batch; binding them to the prompts happens in __call__
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        expand_layouts(layout, batch_size, num_images_per_prompt)
 
     def _layout_prompts(
         self, prompt: str | list[str] | None, batch_size: int, num_images_per_prompt: int
@@ -367,32 +426,27 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             )
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
 
-    def _realign_call(self, args: dict[str, Any], extra: dict[str, Any]) -> RealignDiffPipelineOutput | tuple:
+    def _realign_call(self, pass_args: dict[str, Any]) -> RealignDiffPipelineOutput | tuple:
         """Coarse pass, dense captions, fine pass from the same noise (Sec. 3.2.2).
 
-        "The same noise" is the same initial latents and, for stochastic samplers, the same noise at every
-        step: the fine pass replays the random state the coarse pass started from.
+        `pass_args` are the keyword arguments of one pass: every argument of `__call__` but `realign`, checked,
+        with `height` and `width` filled in. "The same noise" is the same initial latents and, for stochastic
+        samplers, the same noise at every step: the fine pass replays the random state the coarse pass started
+        from.
         """
-        if self.dense_captioner is None:
-            raise ValueError(
-                "realign=True needs a dense captioner: pass dense_captioner=DenseCaptioner(tagger, llm, grounder) "
-                "to RealignDiffPipeline.from_pretrained(...) or set pipe.dense_captioner."
-            )
-        prompt = args["prompt"]
-        if prompt is None:
-            raise ValueError("realign=True needs the prompt text (the captioner reads it); prompt_embeds alone won't do.")
+        prompt = pass_args["prompt"]
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        per_prompt = args["num_images_per_prompt"] or 1
+        per_prompt = pass_args["num_images_per_prompt"] or 1
         num_images = batch_size * per_prompt
-        height, width = self._default_size(args["height"], args["width"])
-        generator = args["generator"]
-        latents = args["latents"]
+        height, width = pass_args["height"], pass_args["width"]
+        generator = pass_args["generator"]
+        latents = pass_args["latents"]
         if latents is None:
             latents = self._initial_noise(num_images, height, width, generator)
-        user_layouts = expand_layouts(args["layout"], batch_size, per_prompt) or [None] * num_images
-        output_type, return_dict = args["output_type"], args["return_dict"]
+        user_layouts = expand_layouts(pass_args["layout"], batch_size, per_prompt) or [None] * num_images
+        output_type, return_dict = pass_args["output_type"], pass_args["return_dict"]
 
-        stage = {**args, **extra, "height": height, "width": width, "latents": latents, "return_dict": True}
+        stage = {**pass_args, "latents": latents, "return_dict": True}
         replay = RandomStateReplay(generator, self._execution_device)  # after the initial noise is drawn
         try:
             self._realign_stage = "coarse"
@@ -441,7 +495,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         ]
         attention_maps = final.attention_maps
         if not return_dict:
-            return (images, nsfw) + ((attention_maps,) if args["return_attention_maps"] else ())
+            return (images, nsfw) + ((attention_maps,) if pass_args["return_attention_maps"] else ())
         return RealignDiffPipelineOutput(
             images=images,
             nsfw_content_detected=nsfw,
@@ -559,9 +613,6 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             attention maps when ``return_attention_maps=True``. The ``realign=True`` extras (coarse images,
             layouts, `realigned`) are only in the output class.
         """
-        if realign:
-            call_args = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "realign", "__class__")}
-            return self._realign_call(call_args, kwargs)
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:
@@ -570,18 +621,11 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs = ["latents"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        _check_modulation_args(
-            cross_attention_strength=cross_attention_strength,
-            self_attention_strength=self_attention_strength,
-            modulation_fraction=modulation_fraction,
-            timestep_power=timestep_power,
-            size_weight=size_weight,
-        )
 
         # 0. Default height and width to unet
         height, width = self._default_size(height, width)
 
-        # 1. Check inputs
+        # 1. Check inputs. Raise error if not correct
         self.check_inputs(
             prompt,
             height,
@@ -593,7 +637,56 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             ip_adapter_image,
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
+            layout=layout,
+            num_images_per_prompt=num_images_per_prompt,
+            cross_attention_strength=cross_attention_strength,
+            self_attention_strength=self_attention_strength,
+            modulation_fraction=modulation_fraction,
+            timestep_power=timestep_power,
+            size_weight=size_weight,
+            realign=realign,
         )
+        if realign:
+            # every argument of one generation pass; the passes call __call__ again with realign=False
+            pass_args = {
+                "prompt": prompt,
+                "height": height,
+                "width": width,
+                "num_inference_steps": num_inference_steps,
+                "timesteps": timesteps,
+                "sigmas": sigmas,
+                "guidance_scale": guidance_scale,
+                "negative_prompt": negative_prompt,
+                "num_images_per_prompt": num_images_per_prompt,
+                "eta": eta,
+                "generator": generator,
+                "latents": latents,
+                "prompt_embeds": prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+                "ip_adapter_image": ip_adapter_image,
+                "ip_adapter_image_embeds": ip_adapter_image_embeds,
+                "output_type": output_type,
+                "return_dict": return_dict,
+                "cross_attention_kwargs": cross_attention_kwargs,
+                "guidance_rescale": guidance_rescale,
+                "clip_skip": clip_skip,
+                "callback_on_step_end": callback_on_step_end,
+                "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+                "layout": layout,
+                "cross_attention_strength": cross_attention_strength,
+                "self_attention_strength": self_attention_strength,
+                "modulation_fraction": modulation_fraction,
+                "timestep_power": timestep_power,
+                "size_weight": size_weight,
+                "suppress_unclaimed_tokens": suppress_unclaimed_tokens,
+                "replace_phrase_embeddings": replace_phrase_embeddings,
+                "strict_layout": strict_layout,
+                "return_attention_maps": return_attention_maps,
+                "callback": callback,
+                "callback_steps": callback_steps,
+            }
+            return self._realign_call(pass_args)
+
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
