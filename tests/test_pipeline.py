@@ -1,5 +1,7 @@
 """RealignDiffPipeline on tiny random components (CPU, offline), through from_pretrained."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,24 @@ def test_callbacks_run_and_can_edit_latents(pipe):
     out = run(pipe, layout=LAYOUT, callback_on_step_end=callback, output_type="latent").images
     assert steps == [0, 1, 2]
     assert torch.count_nonzero(out) == 0
+
+
+def future_warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_legacy_callback_is_deprecated_and_runs_as_in_the_parent(pipe):
+    ours, theirs = [], []
+    ours_warnings = future_warnings(lambda: run(pipe, callback=lambda *a: ours.append(a[0]), callback_steps=2))
+    theirs_warnings = future_warnings(
+        lambda: run(parent_of(pipe), callback=lambda *a: theirs.append(a[0]), callback_steps=2)
+    )
+    assert len(ours_warnings) == 2 and "`callback` as an input argument" in ours_warnings[0]
+    assert ours_warnings == theirs_warnings
+    assert ours == theirs == [0, 2]
 
 
 def test_round_trips_and_from_pipe(pipe, saved_dirs, tmp_path):

@@ -5,6 +5,7 @@ simple classes that follow the protocols, so the pipeline's control flow can be 
 """
 
 import json
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -398,6 +399,17 @@ def test_callbacks_fire_in_both_passes_and_know_which(pipe):
     seen.clear()
     run(pipe, callback_on_step_end=on_step_end)
     assert seen == [(None, 0), (None, 1), (None, 2)]
+
+
+def test_the_legacy_callback_fires_in_both_passes_and_warns_once(pipe):
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(pipe, realign=True, callback=lambda step, t, latents: seen.append((pipe.realign_stage, step)),
+            callback_steps=1)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(deprecations) == 2  # `callback` and `callback_steps`, once each, not once per pass
+    assert seen == [("coarse", 0), ("coarse", 1), ("coarse", 2), ("fine", 0), ("fine", 1), ("fine", 2)]
 
 
 def test_the_stage_is_reset_when_a_pass_raises(pipe):

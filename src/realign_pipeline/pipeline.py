@@ -19,7 +19,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, deprecate, is_torch_xla_available, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -29,6 +29,13 @@ from .captioner.dense import DenseCaptioner
 from .layout import Layout, LayoutError, Region, ResolvedLayout, resolve_layout
 from .replay import RandomStateReplay
 from .tokens import unique_word_keys, word_token_spans
+
+if is_torch_xla_available():
+    import torch_xla.core.xla_model as xm
+
+    XLA_AVAILABLE = True
+else:
+    XLA_AVAILABLE = False
 
 logger = logging.get_logger(__name__)
 
@@ -327,12 +334,15 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         added_cond_kwargs: dict | None,
         extra_step_kwargs: dict,
         attention_state: RealignAttentionState | None,
-        callback_on_step_end,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None,
         callback_on_step_end_tensor_inputs: list[str],
-        callback=None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
         callback_steps: int | None = None,
     ) -> torch.Tensor:
-        """The denoising loop of ``StableDiffusionPipeline.__call__``, telling the processors the step explicitly."""
+        """The denoising loop (step 7), telling the attention processors the step explicitly.
+
+        Adapted from diffusers.StableDiffusionPipeline.__call__
+        """
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         self._num_timesteps = len(timesteps)
@@ -388,6 +398,9 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                     progress_bar.update()
                     if callback is not None and i % callback_steps == 0:
                         callback(i // getattr(self.scheduler, "order", 1), t, latents)
+
+                if XLA_AVAILABLE:
+                    xm.mark_step()
         return latents
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -617,6 +630,21 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:
             raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
+        # a realign=True pass gets the caller's callback; the caller's own call has warned already
+        if callback is not None and self._realign_stage is None:
+            deprecate(
+                "callback",
+                "1.0.0",
+                "Passing `callback` as an input argument to `__call__` is deprecated, consider using "
+                "`callback_on_step_end`",
+            )
+        if callback_steps is not None and self._realign_stage is None:
+            deprecate(
+                "callback_steps",
+                "1.0.0",
+                "Passing `callback_steps` as an input argument to `__call__` is deprecated, consider using "
+                "`callback_on_step_end`",
+            )
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -751,7 +779,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             )
 
         # 4. Prepare timesteps
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timestep_device = "cpu" if XLA_AVAILABLE else device
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
+        )
 
         # 5. Prepare latent variables
         num_channels_latents = self.unet.config.in_channels
@@ -794,19 +825,19 @@ class RealignDiffPipeline(StableDiffusionPipeline):
 
         # 7. Denoising loop
         latents = self._denoise(
-            latents,
-            timesteps,
-            num_inference_steps,
-            prompt_embeds,
-            negative_prompt_embeds,
-            timestep_cond,
-            added_cond_kwargs,
-            extra_step_kwargs,
-            attention_state,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            callback,
-            callback_steps,
+            latents=latents,
+            timesteps=timesteps,
+            num_inference_steps=num_inference_steps,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added_cond_kwargs,
+            extra_step_kwargs=extra_step_kwargs,
+            attention_state=attention_state,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback=callback,
+            callback_steps=callback_steps,
         )
 
         if output_type != "latent":
@@ -816,6 +847,8 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             image = latents
             has_nsfw_concept = None
         do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        if XLA_AVAILABLE:
+            xm.mark_step()
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
         attention_maps = None
