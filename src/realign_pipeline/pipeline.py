@@ -19,7 +19,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, deprecate, is_torch_xla_available, logging
+from diffusers.utils import BaseOutput, deprecate, is_torch_xla_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -41,23 +41,33 @@ logger = logging.get_logger(__name__)
 
 CAPTIONER_FOLDER = "dense_captioner"
 
-LayoutInput = Layout | dict | Sequence[Region] | None
-
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> import torch
-        >>> from realign_pipeline import Layout, Region, RealignDiffPipeline
+        >>> from realign_pipeline import Layout, RealignDiffPipeline, Region
+        >>> from realign_pipeline.captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder, RuleBasedLLM
 
         >>> pipe = RealignDiffPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16
         ... ).to("cuda")
+        >>> prompt = "a red book and a yellow vase"
+
+        >>> # a layout by hand: each phrase of the prompt with a box [x0, y0, x1, y1] in fractions of the image
         >>> layout = Layout([
-        ...     Region("red book", box=[0.05, 0.35, 0.45, 0.95], score=2.0),
-        ...     Region("yellow vase", box=[0.55, 0.15, 0.95, 0.95], score=2.0),
+        ...     Region("red book", box=[0.05, 0.35, 0.45, 0.95]),
+        ...     Region("yellow vase", box=[0.55, 0.15, 0.95, 0.95]),
         ... ])
-        >>> image = pipe("a red book and a yellow vase", layout=layout,
-        ...              generator=torch.Generator("cuda").manual_seed(42)).images[0]
+        >>> image = pipe(prompt, layout=layout, generator=torch.Generator("cuda").manual_seed(42)).images[0]
+
+        >>> # the fine stage: generate, caption densely, generate again from the same noise with that layout
+        >>> pipe.dense_captioner = DenseCaptioner(
+        ...     ClipTagger("openai/clip-vit-large-patch14"),
+        ...     RuleBasedLLM(),
+        ...     GroundingDinoSamGrounder("IDEA-Research/grounding-dino-tiny", "facebook/sam-vit-base"),
+        ... )
+        >>> output = pipe(prompt, realign=True, generator=torch.Generator("cuda").manual_seed(42))
+        >>> coarse_image, image, layout = output.coarse_images[0], output.images[0], output.layouts[0]
         ```
 """
 
@@ -543,6 +553,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         return images
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -568,7 +579,12 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        layout: Layout | list[Layout | None] | None = None,
+        layout: Layout
+        | ResolvedLayout
+        | dict[str, Any]
+        | Sequence[Region]
+        | Sequence[Layout | ResolvedLayout | dict[str, Any] | Sequence[Region] | None]
+        | None = None,
         cross_attention_strength: float = 1.0,
         self_attention_strength: float = 0.0,
         modulation_fraction: float = 0.3,
@@ -586,9 +602,10 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         Takes every argument of :meth:`diffusers.StableDiffusionPipeline.__call__`, plus:
 
         Args:
-            layout (`Layout`, `list[Layout | None]`, *optional*):
+            layout (`Layout`, `ResolvedLayout`, `dict`, `list[Region]`, or a list of these, *optional*):
                 One layout for every image, a list with one per prompt, or a list with one per image (with
-                ``num_images_per_prompt > 1``). ``None`` entries generate without modulation.
+                ``num_images_per_prompt > 1``). ``None`` entries generate without modulation. A layout may also
+                be its JSON object (``Layout.to_dict()``), a list of `Region`s, or an output's ``layouts[i]``.
             cross_attention_strength (`float`, defaults to 1.0):
                 Weight of the cross-attention modulation (DenseDiffusion's published ``w_c``).
             self_attention_strength (`float`, defaults to 0.0):
@@ -621,10 +638,18 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         Examples:
 
         Returns:
-            [`RealignDiffPipelineOutput`] or `tuple`: with ``return_dict=False``, always
-            ``(images, nsfw_content_detected)`` (the flags None without a safety checker), followed by the
-            attention maps when ``return_attention_maps=True``. The ``realign=True`` extras (coarse images,
-            layouts, `realigned`) are only in the output class.
+            [`RealignDiffPipelineOutput`] or `tuple`:
+                If `return_dict` is `True`, a [`RealignDiffPipelineOutput`]: the images, the safety checker's
+                flags (None without one), the attention maps with ``return_attention_maps=True``, and `layouts`,
+                each image's layout as bound to its prompt (None without one). With ``realign=True``,
+                `images` are the fine pass's images, except that an image whose layout is empty (`realigned`
+                False) is its coarse image, and the flags are those of the image returned; `attention_maps` are
+                the fine pass's (the coarse pass's when no image was realigned, so no fine pass ran); `layouts`
+                holds one layout per image, the dense captioner's or the one passed (an empty one where nothing
+                was kept, its ``.source`` saying why); and `coarse_images` (PIL), `coarse_attention_maps` (with
+                ``return_attention_maps=True``) and `realigned` are set (None without ``realign``). Otherwise a
+                `tuple` ``(images, nsfw_content_detected)``, followed by the attention maps when
+                ``return_attention_maps=True``, with or without ``realign``.
         """
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
@@ -863,7 +888,3 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             images=image, nsfw_content_detected=has_nsfw_concept, attention_maps=attention_maps, layouts=resolved
         )
 
-
-RealignDiffPipeline.__call__.__doc__ = RealignDiffPipeline.__call__.__doc__.replace(
-    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING.split("Examples:\n", 1)[1], 1
-)
