@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0.dev0"
 
+# First: the modules below import diffusers, which asks transformers for image processors by name.
+from . import _pil_backend  # noqa: F401  (importing it binds those names to the Pillow classes)
 from .attention import RealignAttentionState, RealignAttnProcessor, reweighted_attention_scores
 from .layout import (
     SCORE_CERTAIN,

@@ -11,8 +11,8 @@
   (``use_qformer_text_input=True``), like ``Salesforce/blip2-itm-vit-g``; the tokenizer is the real BERT
   uncased WordPiece tokenizer; ``image_token_index`` is ``None`` (text-only inputs, as that checkpoint).
 
-Both use the ``BlipImageProcessor`` with OpenAI CLIP's mean/std and bicubic resizing to a small square.
-The weights are random: captions are gibberish, embeddings meaningless; shapes and code paths are real.
+Both use the Pillow ``BlipImageProcessorPil`` with OpenAI CLIP's mean/std and bicubic resizing to a small
+square. The weights are random: captions are gibberish, embeddings meaningless; shapes and code paths are real.
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def _bert_tokenizer():
 
 
 def _image_processor(image_size: int):
-    from transformers import BlipImageProcessor
+    # the Pillow class by name: the default one needs torchvision, which the base install leaves out
+    from transformers import BlipImageProcessorPil
 
-    return BlipImageProcessor(
+    return BlipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         resample=3,  # bicubic, as the real BLIP-2 checkpoints
         image_mean=_OPENAI_CLIP_MEAN,

@@ -1,7 +1,7 @@
 """A tiny random CLIP (model + processor) saved to a folder, for tests. Nothing is downloaded.
 
 ``tiny_clip(save_dir)`` writes a :class:`transformers.CLIPModel` with random weights and a
-:class:`transformers.CLIPProcessor` (the PIL ``CLIPImageProcessor`` with OpenAI's mean/std and bicubic
+:class:`transformers.CLIPProcessor` (the Pillow ``CLIPImageProcessorPil`` with OpenAI's mean/std and bicubic
 resampling, and the *real* CLIP tokenizer from :func:`realign_pipeline.testing.clip_tokenizer`) with
 ``save_pretrained``, so the folder loads through the same ``from_pretrained`` calls a user makes with
 ``openai/clip-vit-large-patch14``. The embeddings are meaningless; the shapes and code paths are real.
@@ -24,7 +24,8 @@ def tiny_clip_model_and_processor(seed: int = 0, image_size: int = TINY_CLIP_IMA
 
     The caller's global torch RNG state is left untouched.
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    # the Pillow class by name: the default one needs torchvision, which the base install leaves out
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     from .testing import clip_tokenizer
 
@@ -51,7 +52,7 @@ def tiny_clip_model_and_processor(seed: int = 0, image_size: int = TINY_CLIP_IMA
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
