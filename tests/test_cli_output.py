@@ -1,5 +1,5 @@
 """What the commands print besides their results: no transformers warning about torchvision (the base install
-leaves it out on purpose)."""
+leaves it out on purpose) and one progress bar over a job instead of one per pipeline call."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from realign_pipeline.cli import main
 
 TORCHVISION_WARNING = "requires torchvision"
 
@@ -65,3 +67,27 @@ def test_the_default_names_are_the_pillow_classes():
 
     assert transformers.CLIPImageProcessor is transformers.CLIPImageProcessorPil
     assert transformers.SiglipImageProcessor is transformers.SiglipImageProcessorPil
+
+
+def _bar_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines() if "|" in line and "/" in line]
+
+
+def test_the_shapes_demo_shows_one_bar_over_the_job(tmp_path, capsys):
+    argv = ["demo", "--steps", "2", "--num_images", "2", "--search_seeds", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    bars = _bar_lines(capsys.readouterr().err)
+    assert bars, "no progress bar"
+    # searched 3 + shown 2 + the layout control's 1: one total for every update, no per-call bar of 2 steps
+    assert {line.split("|")[-1].split("[")[0].strip().split("/")[-1] for line in bars} == {"6"}
+    assert "image" in bars[-1]
+
+    assert main([*argv, "-q"]) == 0
+    assert not _bar_lines(capsys.readouterr().err)
+
+
+def test_the_tiny_demo_shows_one_bar_over_both_runs(tmp_path, capsys):
+    assert main(["demo", "--tiny", "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path)]) == 0
+    bars = _bar_lines(capsys.readouterr().err)
+    assert bars and {line.split("|")[-1].split("[")[0].strip().split("/")[-1] for line in bars} == {"2"}
+    assert any(line.startswith("realigned") for line in bars)

@@ -1,5 +1,6 @@
 """What the ``realigndiff`` commands share: the error and exit codes, argument types, layout loading, quiet
-model loading, warnings turned into notes, file saving, torch threads, device choice and the words of a layout.
+model loading, the job's progress bar, warnings turned into notes, file saving, torch threads, device choice
+and the words of a layout.
 
 The command modules import these from here rather than from each other, so that no command depends on another
 (the shapes-world demo is the ``demo`` command's own second half).
@@ -28,6 +29,7 @@ __all__ = [
     "collect_warnings",
     "device_and_dtype",
     "int_in",
+    "job_bar",
     "layout_words",
     "load_error",
     "load_layout",
@@ -109,6 +111,18 @@ def quiet_loading() -> Iterator[None]:
         for module, enabled in states:
             if enabled:
                 module.enable_progress_bar()
+
+
+def job_bar(pipe: Any, total: int, quiet: bool, desc: str | None = None, unit: str = "image") -> Any:
+    """One tqdm bar over a command's whole job (``total`` units), with `pipe`'s own per-call bars turned off.
+
+    A job makes many pipeline calls (passes, seeds, a seed search); one bar per call scrolls the terminal. The
+    bar is removed when closed (``leave=False``): the command prints its own summary line. ``quiet``: no bars.
+    """
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, dynamic_ncols=True)
 
 
 @contextmanager

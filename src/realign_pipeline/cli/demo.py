@@ -21,6 +21,7 @@ from .common import (
     HelpFormatter,
     collect_warnings,
     int_in,
+    job_bar,
     load_layout,
     phrase_words,
     quiet_loading,
@@ -240,14 +241,17 @@ def _demo(args: argparse.Namespace) -> int:
         "return_attention_maps": True,
     }
     outputs = {}
-    for name, run_layout in (("plain", None), ("realigned", layout)):
-        pipe.set_progress_bar_config(desc=name, disable=args.quiet, leave=False)
-        start = time.perf_counter()
-        with collect_warnings(notes):
-            outputs[name] = pipe(
-                prompt, layout=run_layout, generator=torch.Generator("cpu").manual_seed(args.seed), **call
-            )
-        timings[name] = time.perf_counter() - start
+    runs = (("plain", None), ("realigned", layout))
+    with job_bar(pipe, len(runs), args.quiet) as bar:
+        for name, run_layout in runs:
+            bar.set_description_str(name)
+            start = time.perf_counter()
+            with collect_warnings(notes):
+                outputs[name] = pipe(
+                    prompt, layout=run_layout, generator=torch.Generator("cpu").manual_seed(args.seed), **call
+                )
+            timings[name] = time.perf_counter() - start
+            bar.update()
     for note in notes:
         print(f"note: {note}")
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import time
+from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import PIL.Image
 from .common import (
     CLIError,
     collect_warnings,
+    job_bar,
     layout_words,
     load_layout,
     quiet_loading,
@@ -149,10 +151,11 @@ def _seed_range(seeds: list[int]) -> str:
 
 # --- seed selection --------------------------------------------------------------------------------------------
 def _search_seeds(
-    pipe, prompt: str, objects: list[dict[str, Any]], search: int, wanted: int, call: dict[str, Any]
+    pipe, prompt: str, objects: list[dict[str, Any]], search: int, wanted: int, call: dict[str, Any],
+    bar: Any = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """Seeds 0..search-1 through the plain pipeline (coarse pass only); the first `wanted` whose image the
-    checker reads wrong, filled with the next seeds when there are fewer."""
+    checker reads wrong, filled with the next seeds when there are fewer. `bar` (tqdm) counts the images."""
     import torch
 
     from ..shapes import checker
@@ -163,6 +166,8 @@ def _search_seeds(
         # one generator per image: the same noise as a single call with that seed, so the same coarse image
         images = pipe([prompt] * len(batch), generator=[torch.Generator().manual_seed(s) for s in batch], **call).images
         wrong += [s for s, image in zip(batch, images) if _is_wrong(checker.check_prompt(image, objects))]
+        if bar is not None:
+            bar.update(len(batch))
     chosen = wrong[:wanted]
     filled = [s for s in range(search) if s not in wrong][: wanted - len(chosen)]
     filled += list(range(search, search + wanted - len(chosen) - len(filled)))
@@ -374,32 +379,39 @@ def shapes_demo(args: argparse.Namespace) -> int:
         print(f"(the default prompt: {DEFAULT_PROMPT_CHOICE}; `--prompt` takes any caption of the world)", flush=True)
     timings: dict[str, float] = {}
     notes: list[str] = []
-    with torch_threads(args.threads):
+    with torch_threads(args.threads), ExitStack() as jobs:
         start = time.perf_counter()
         try:
             with quiet_loading():
                 pipe = load_shapes_pipeline()
         except FileNotFoundError as error:
             raise CLIError(f"{error}; `realigndiff demo --tiny` runs without them.") from None
-        pipe.set_progress_bar_config(disable=args.quiet, leave=False)
         timings["load"] = time.perf_counter() - start
         hand_layout = load_layout(args.layout) if args.layout else None
         call = {"height": height, "width": width, "num_inference_steps": args.steps, "guidance_scale": DEFAULT_GUIDANCE}
         common = {**call, "return_attention_maps": True}
+        searching = args.seed is None and objects is not None
+        with_control = hand_layout is None and objects is not None and len(objects) == 2
+        # the job's images: the searched seeds, the shown seeds (coarse and fine pass), the layout control's
+        total = (search if searching else 0) + num_images + int(with_control)
+        bar = jobs.enter_context(job_bar(pipe, total, args.quiet))
 
-        if args.seed is not None or objects is None:
+        if not searching:
             seeds, selection = _unsearched_seeds(args.seed, num_images)
         else:
+            bar.set_description_str("searching seeds")
             start = time.perf_counter()
             with collect_warnings(notes):
-                seeds, selection = _search_seeds(pipe, prompt, objects, search, num_images, call)
+                seeds, selection = _search_seeds(pipe, prompt, objects, search, num_images, call, bar)
             timings["search"] = time.perf_counter() - start
-        print(_selection_message(selection), flush=True)
+        with bar.external_write_mode():  # the message above the bar, not through it
+            print(_selection_message(selection), flush=True)
 
         rows, panels, maps_image = [], [], None
         files: list[Path] = []
         first_coarse = None
         start = time.perf_counter()
+        bar.set_description_str("re-aligning" if hand_layout is None else "with the layout")
         for index, seed in enumerate(seeds):
             with collect_warnings(notes):
                 if hand_layout is not None:
@@ -428,16 +440,19 @@ def shapes_demo(args: argparse.Namespace) -> int:
                 "coarse": _verdict(coarse_image, objects),
                 "realigned_image": _verdict(image, objects),
             })
+            bar.update()
         timings["generate"] = time.perf_counter() - start
 
         if hand_layout is not None:
             control: dict[str, Any] = {"skipped": "--layout is given: the panel would repeat it"}
-        elif objects is None or len(objects) != 2:
+        elif not with_control:
             control = {"skipped": "the layout is read from a two-object caption of the world (docs/shapes.md)"}
         else:
+            bar.set_description_str("layout control")
             start = time.perf_counter()
             with collect_warnings(notes):
                 control = _layout_control(pipe, prompt, objects, seeds[0], first_coarse, call, out, files)
+            bar.update()
             timings["layout_control"] = time.perf_counter() - start
 
     rates, rates_problem = load_measured_rates(measured_rates_path())

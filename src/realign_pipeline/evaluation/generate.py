@@ -293,8 +293,9 @@ def generate_images(
 
     generated = 0
     start_all = time.perf_counter()
+    # one bar over this process's prompts: the pipeline's per-call bars are turned off below
     bar = tqdm(total=len(mine), initial=len(mine) - len(pending), disable=not progress, desc=f"{config.name}",
-               position=process_index, dynamic_ncols=True)
+               unit="prompt", position=process_index, dynamic_ncols=True)
     if not pending:
         bar.close()
         return {"generated": 0, "skipped": skipped, "images": len(mine) * per_prompt,
