@@ -189,9 +189,9 @@ def test_figure7_maps_one_row_per_word():
         figure7_maps(before, after, [], (48, 32))
 
 
-@pytest.mark.parametrize("world", ["shapes", "shapes-bow"])
+@pytest.mark.parametrize("world", ["shapes", "shapes-bow", "shapes-triples"])
 def test_generate_keeps_the_captioners_record_when_it_keeps_nothing(tmp_path, world):
-    """No shape of either world is a dog: the image is the coarse one, and layout.json says why."""
+    """No shape of any world is a dog: the image is the coarse one, and layout.json says why."""
     assert main(["generate", "a dog", "--model", world, "--steps", "2", "--out", str(tmp_path)]) == 0
     folder = tmp_path / "000-a-dog"
     layout = Layout.from_json(folder / "layout.json")

@@ -130,3 +130,13 @@ def test_compare_runs_pairs_the_fine_images_of_two_runs(fine_stage_rates, tmp_pa
         compare_runs.compare(first, second)
     with pytest.raises(SystemExit, match="not in the first"):
         compare_runs.compare({"splits": {"held-out": {"rows": []}}}, second)
+
+
+def test_quick_run_on_the_three_object_world(fine_stage_rates, tmp_path):
+    result = fine_stage_rates.main(["--quick", "--model", "shapes-triples", "--splits", "held-out", "--out",
+                                    str(tmp_path / "triples.json")])
+    assert result["scene_kind"] == "triples" and result["generation"]["height"] == 48
+    rows = result["splits"]["held-out"]["rows"]
+    assert rows and all(len(row["pairing"].split(" + ")) == 3 for row in rows)
+    for metric, entry in result["splits"]["held-out"]["rates"].items():
+        _check(entry["fine"], sum(row["coarse"][metric] is not None for row in rows))

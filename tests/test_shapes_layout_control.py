@@ -153,3 +153,19 @@ def test_modulating_no_level_is_the_plain_image_and_the_quick_run_adds_up(layout
     for row in result["levels"]:
         for metric in ("position", "binding", "presence"):
             assert 0 <= row[metric]["after"] <= 1 and row[metric]["fixed"] + row[metric]["broken"] <= 2
+
+
+def test_three_object_layouts_put_each_object_in_a_third_and_keep_the_relation(layout_control, tmp_path):
+    records = layout_control.tuning_records(48, "triples")
+    for record in records:
+        sides = [o["side"] for o in record["objects"]]
+        assert sorted(sides) == ["left", "middle", "right"]
+        named = [o for o in record["objects"] if " to the " in record["prompt"]][:2]
+        if named:  # the prompt's left object (listed first) sits in a third left of its right object's
+            order = list(layout_control.THIRD_BOXES)
+            assert order.index(named[0]["side"]) < order.index(named[1]["side"])
+        layout = layout_control.prompt_layout(record["objects"])
+        assert [tuple(r.box) for r in layout] == [layout_control.THIRD_BOXES[s] for s in sides]
+    result = layout_control.main(["sweep", "--quick", "--model", "shapes-triples", "--out", str(tmp_path / "s.json")])
+    assert result["generation"]["height"] == 48 and result["prompts"] == "training triples"
+    assert all(0 <= r["paired"]["in_box"]["after"] <= 1 for r in result["results"])

@@ -39,8 +39,9 @@ def test_every_model_is_shipped_and_small():
             with safe_open(str(weights), "pt") as f:
                 dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
             assert dtypes <= {"F16", "I64"}, (weights, dtypes)
-    assert sum(size for name, size in sizes.items() if name != "pipeline-bow") < 60e6  # the first world
+    assert sum(size for name, size in sizes.items() if name not in ("pipeline-bow", "pipeline-triples")) < 60e6
     assert sizes["pipeline-bow"] < 25e6  # the second world ships only its pipeline
+    assert sizes["pipeline-triples"] < 25e6  # and so does the third
 
 
 def test_plain_from_pretrained_gives_float32_and_the_shapes_captioner():
@@ -197,6 +198,25 @@ def test_the_second_world_loads_like_the_first_with_its_own_text_encoder():
     prompts = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
     images = bow(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=4.0,
                  generator=torch.Generator().manual_seed(0)).images
+    hits = sum(any(d["shape"] == p.split()[2] and d["color"] == p.split()[1] for d in detect(image))
+               for p, image in zip(prompts, images))
+    assert hits / len(prompts) >= 0.4  # chance: 1/20
+
+
+def test_the_third_world_draws_three_object_scenes_at_48_px():
+    """shapes-triples: the second world's VAE and frozen text encoder, a UNet trained on three-object scenes at
+    48 px, through the same from_pretrained path; its default size is 48 and it draws what it is asked."""
+    triples = load_shapes_pipeline(world="shapes-triples")
+    triples.set_progress_bar_config(disable=True)
+    bow = RealignDiffPipeline.from_pretrained(shapes_model_path("pipeline-bow"))
+    assert {triples.unet.dtype, triples.vae.dtype, triples.text_encoder.dtype} == {torch.float32}
+    assert triples.unet.config.sample_size == 12 and type(triples.dense_captioner.grounder).__name__ == "ShapesGrounder"
+    for mine, theirs in ((triples.vae, bow.vae), (triples.text_encoder, bow.text_encoder)):
+        ours, other = mine.state_dict(), theirs.state_dict()
+        assert all(torch.equal(ours[k], other[k]) for k in ours)
+    prompts = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
+    images = triples(prompts, num_inference_steps=10, guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images
+    assert {image.size for image in images} == {(48, 48)}
     hits = sum(any(d["shape"] == p.split()[2] and d["color"] == p.split()[1] for d in detect(image))
                for p, image in zip(prompts, images))
     assert hits / len(prompts) >= 0.4  # chance: 1/20

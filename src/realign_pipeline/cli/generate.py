@@ -78,7 +78,8 @@ def add_parser(subparsers: Any) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x hub id or local "
                        "folder; `shapes` = the trained shapes world shipped with the package (offline, CPU), `shapes-bow` its "
-                       "second world (a text encoder trained without colour-swapped negatives)")
+                       "second world (a text encoder trained without colour-swapped negatives), `shapes-triples` the "
+                       "third (three objects at 48 px on that text encoder)")
     model.add_argument("--lora", metavar="ID_OR_PATH", help="LoRA weights (e.g. a ReFL LoRA) loaded with load_lora_weights")
     model.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, help="(default: float16 on a GPU, float32 on the CPU)")
@@ -219,9 +220,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model = args.model
-    if model in ("shapes", "shapes:pipeline", "shapes-bow", "shapes:pipeline-bow"):
-        from ..shapes.pretrained import SHAPES_WORLDS, shapes_model_path
+    from ..shapes.pretrained import SHAPES_WORLDS, shapes_model_path
 
+    if model in SHAPES_WORLDS or model in {f"shapes:{folder}" for folder in SHAPES_WORLDS.values()}:
         try:
             model = str(shapes_model_path(SHAPES_WORLDS.get(model) or model.removeprefix("shapes:")))
         except FileNotFoundError as error:

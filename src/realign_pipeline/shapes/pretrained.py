@@ -3,8 +3,10 @@
 ``shapes_model_path("pipeline")`` is a `RealignDiffPipeline` folder; ``"clip"`` the world's small CLIP;
 ``"blip2-captioner"`` / ``"blip2-itm"`` its BLIP-2 captioner and matcher. ``"pipeline-bow"`` is the second
 world (``shapes-bow``): the same scenes, but a text encoder trained without colour-swapped negatives, as
-OpenAI's CLIP was, and a UNet trained on it; it is judged by the first world's CLIP and BLIP-2. The weights are
-stored in fp16 to keep the package small; load them in float32 on a CPU (``load_shapes_pipeline`` does).
+OpenAI's CLIP was, and a UNet trained on it; it is judged by the first world's CLIP and BLIP-2.
+``"pipeline-triples"`` is the third world (``shapes-triples``): three-object scenes at 48 px
+(:mod:`realign_pipeline.shapes.triples`) drawn by a UNet trained on the second world's text encoder. The weights
+are stored in fp16 to keep the package small; load them in float32 on a CPU (``load_shapes_pipeline`` does).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 
 __all__ = ["SHAPES_MODELS", "SHAPES_WORLDS", "load_shapes_pipeline", "shapes_model_path"]
 
-SHAPES_MODELS = ("pipeline", "clip", "blip2-captioner", "blip2-itm", "pipeline-bow")
+SHAPES_MODELS = ("pipeline", "clip", "blip2-captioner", "blip2-itm", "pipeline-bow", "pipeline-triples")
 #: The worlds by the name the CLI and the presets use, and their pipeline folders.
-SHAPES_WORLDS = {"shapes": "pipeline", "shapes-bow": "pipeline-bow"}
+SHAPES_WORLDS = {"shapes": "pipeline", "shapes-bow": "pipeline-bow", "shapes-triples": "pipeline-triples"}
 
 
 def shapes_model_path(name: str = "pipeline") -> Path:
@@ -40,7 +42,8 @@ def load_shapes_pipeline(
 ):
     """`RealignDiffPipeline.from_pretrained` on a shipped shapes-world folder, with its dense captioner.
 
-    `world` is ``"shapes"`` (the first world) or ``"shapes-bow"`` (the second, see the module docstring)."""
+    `world` is ``"shapes"`` (the first world), ``"shapes-bow"`` (the second) or ``"shapes-triples"`` (the third,
+    48 px; see the module docstring)."""
     from ..pipeline import RealignDiffPipeline
 
     if world not in SHAPES_WORLDS:
