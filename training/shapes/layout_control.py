@@ -49,14 +49,9 @@ from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write
 from realign_pipeline import Layout, Region
 from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.checker import check_prompt, match_objects
-from realign_pipeline.shapes.world import held_out_prompts, training_pairing_prompts
+from realign_pipeline.shapes.triples import THIRD_BOXES
+from realign_pipeline.shapes.world import SIDE_BOXES, held_out_prompts, training_pairing_prompts
 
-#: The box where the world draws an object of each side (two-object scenes: one object per half).
-SIDE_BOXES: dict[str, tuple[float, float, float, float]] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
-#: Three-object scenes: one object per third of the width.
-THIRD_BOXES: dict[str, tuple[float, float, float, float]] = {
-    "left": (0.0, 0.0, 1 / 3, 1.0), "middle": (1 / 3, 0.0, 2 / 3, 1.0), "right": (2 / 3, 0.0, 1.0, 1.0),
-}
 #: The three-object world's sweep: 48 px images cost ~2.3x, so the grid keeps the first sweep's informative axes.
 TRIPLE_GRID: dict[str, list[float]] = {
     "cross_attention_strength": [0.5, 1.0, 2.0],

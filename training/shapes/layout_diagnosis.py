@@ -28,7 +28,7 @@ from unittest import mock
 import numpy as np
 import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
-from layout_control import generate, prompt_layout, read, tuning_records
+from layout_control import generate, read, tuning_records
 
 from realign_pipeline.attention import RealignAttentionState
 
@@ -107,11 +107,7 @@ def diagnose(pipe, jobs: Sequence[tuple[dict[str, Any], int]], setting: dict[str
         original(state, probs)
 
     with mock.patch.object(RealignAttentionState, "record", record):
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            pipe([r["prompt"] for r, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                 layout=[prompt_layout(r["objects"]) for r, _ in chunk], return_attention_maps=True,
-                 **generation, **setting)
+        generate(pipe, jobs, {**setting, "return_attention_maps": True}, batch_size, generation)
     return recorder.table()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import PIL.Image
 
+from ..shapes.world import SIDE_BOXES  # each side's half of the image, as in the layout-control runs
 from .common import (
     CLIError,
     collect_warnings,
@@ -70,8 +71,6 @@ LAYOUT_CONTROL_SETTING: dict[str, float] = {
     "timestep_power": 1.0,
     "self_attention_strength": 0.3,
 }
-#: Each side's half of the image, ``(x0, y0, x1, y1)`` in image fractions (as in the layout-control runs).
-SIDE_BOXES: dict[str, tuple[float, float, float, float]] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 #: Shorter side of each cell of panel.png.
 PANEL_SIDE = 160
 #: layout_control.png is drawn larger: at 160 px a half-image box is narrower than its "phrase (s=2)" label.

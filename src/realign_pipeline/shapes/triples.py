@@ -29,6 +29,7 @@ from .world import (
     COLORS,
     HELD_OUT_PAIRINGS,
     SHAPES,
+    SIDE_BOXES,
     Scene,
     ShapeObject,
     all_pairings,
@@ -39,6 +40,7 @@ from .world import (
 
 __all__ = [
     "RESOLUTION",
+    "THIRD_BOXES",
     "TRIPLE_FORMS",
     "all_triples",
     "caption_triple",
@@ -56,7 +58,11 @@ RESOLUTION = 48
 MIN_SIZE_FRACTION = 12 / 48
 MAX_SIZE_FRACTION = 16 / 48
 THIRDS = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0))
-HALVES = ((0.0, 0.5), (0.5, 1.0))
+#: Where a three-object scene draws the object of each third, ``(x0, y0, x1, y1)`` in image fractions.
+THIRD_BOXES: dict[str, tuple[float, float, float, float]] = {
+    name: (x0, 0.0, x1, 1.0) for name, (x0, x1) in zip(("left", "middle", "right"), THIRDS)
+}
+HALVES = tuple((box[0], box[2]) for box in SIDE_BOXES.values())
 
 TRIPLE_FORMS: dict[str, str] = {
     "and": "a {a}, a {b} and a {c}",

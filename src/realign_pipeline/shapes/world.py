@@ -30,6 +30,7 @@ __all__ = [
     "COLORS",
     "HELD_OUT_PAIRINGS",
     "SHAPES",
+    "SIDE_BOXES",
     "Scene",
     "ShapeObject",
     "all_pairings",
@@ -64,6 +65,9 @@ CAPTION_FORMS: dict[str, str] = {
     "right": "a {right} to the right of a {left}",
 }
 SINGLE_FORM = "a {a}"
+
+#: Where a two-object scene draws the object of each side, ``(x0, y0, x1, y1)`` in image fractions: one per half.
+SIDE_BOXES: dict[str, tuple[float, float, float, float]] = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 
 MIN_SIZE_FRACTION = 12 / 32
 MAX_SIZE_FRACTION = 16 / 32
@@ -188,8 +192,8 @@ def sample_scene(
     if rng.random() < 0.5:
         first, second = second, first
     # first object in the left half, second in the right half
-    l_cx, l_cy = _place(rng, size[0], (0.0, 0.5))
-    r_cx, r_cy = _place(rng, size[1], (0.5, 1.0))
+    l_cx, l_cy = _place(rng, size[0], SIDE_BOXES["left"][0::2])
+    r_cx, r_cy = _place(rng, size[1], SIDE_BOXES["right"][0::2])
     objects = (
         ShapeObject(first[0], first[1], round(l_cx, 4), round(l_cy, 4), round(size[0], 4)),
         ShapeObject(second[0], second[1], round(r_cx, 4), round(r_cy, 4), round(size[1], 4)),
