@@ -18,8 +18,10 @@ Captions (the text encoder reads at most 16 tokens, so a relation names two of t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,10 +34,10 @@ from .world import (
     SIDE_BOXES,
     Scene,
     ShapeObject,
-    all_pairings,
     caption_scene,
     held_out_halves,
     render_scene,
+    training_pairings,
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "sample_scene",
     "train_batch",
     "training_triple_prompts",
+    "training_triples",
     "triple_halves",
     "triple_prompts",
 ]
@@ -75,15 +78,16 @@ Object = tuple[str, str]
 Triple = tuple[Object, Object, Object]
 
 
-def all_triples() -> list[Triple]:
+@functools.cache
+def all_triples() -> tuple[Triple, ...]:
     """Every set of three coloured objects with three different colours and three different shapes, each
     sorted, in sorted order (240 of them)."""
     objects = [(c, s) for c in COLORS for s in SHAPES]
-    return sorted(
+    return tuple(sorted(
         tuple(sorted(t))  # type: ignore[misc]
         for t in itertools.combinations(objects, 3)
         if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3
-    )
+    ))
 
 
 def _pairs(triple: Triple) -> list[tuple[Object, Object]]:
@@ -95,8 +99,15 @@ def is_held_out_triple(triple: tuple[Object, ...]) -> bool:
     return any(p in HELD_OUT_PAIRINGS for p in _pairs(tuple(sorted(triple))))  # type: ignore[arg-type]
 
 
-def held_out_triples() -> list[Triple]:
-    return [t for t in all_triples() if is_held_out_triple(t)]
+@functools.cache
+def held_out_triples() -> tuple[Triple, ...]:
+    return tuple(t for t in all_triples() if is_held_out_triple(t))
+
+
+@functools.cache
+def training_triples() -> tuple[Triple, ...]:
+    """The triples training scenes draw from: those without a held-out pairing."""
+    return tuple(t for t in all_triples() if not is_held_out_triple(t))
 
 
 def triple_halves() -> tuple[list[Triple], list[Triple]]:
@@ -145,12 +156,12 @@ def sample_scene(rng: random.Random, *, num_objects: int | None = None, split: s
         obj = _obj((rng.choice(list(COLORS)), rng.choice(SHAPES)), (0.0, 1.0), sizes[0], rng)
         return Scene((obj,), caption_scene((obj,), "and"), "single")
     if num_objects == 2:
-        pairing = list(rng.choice([p for p in all_pairings() if p not in HELD_OUT_PAIRINGS]))
+        pairing = list(rng.choice(training_pairings()))
         rng.shuffle(pairing)
         objects = tuple(_obj(o, x, s, rng) for o, x, s in zip(pairing, HALVES, sizes))
         form = rng.choice(list(CAPTION_FORMS))
         return Scene(objects, caption_scene(objects, form, swap=rng.random() < 0.5), form)
-    pool = held_out_triples() if split == "test" else [t for t in all_triples() if not is_held_out_triple(t)]
+    pool = held_out_triples() if split == "test" else training_triples()
     triple = list(rng.choice(pool))
     rng.shuffle(triple)
     objects = tuple(_obj(o, x, s, rng) for o, x, s in zip(triple, THIRDS, sizes))
@@ -165,7 +176,7 @@ def train_batch(rng: random.Random, batch_size: int, size: int = RESOLUTION) -> 
     return images, [s.caption for s in scenes], scenes
 
 
-def triple_prompts(triples: list[Triple], forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def triple_prompts(triples: Sequence[Triple], forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One prompt per triple and form: ``{"prompt", "form", "objects": [{"color", "shape", "side"}]}``.
 
     The order of mention and the related pair are drawn from a generator seeded by the triple itself, so a
@@ -201,4 +212,4 @@ def held_out_triple_prompts(forms: tuple[str, ...] | None = None) -> list[dict[s
 
 def training_triple_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Prompts of triples the models were trained on: where settings are tuned."""
-    return triple_prompts([t for t in all_triples() if not is_held_out_triple(t)], forms)
+    return triple_prompts(training_triples(), forms)

@@ -13,6 +13,7 @@ caption form, so a test measures composition the model has not seen, which is wh
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -45,6 +46,7 @@ __all__ = [
     "shape_mask",
     "train_batch",
     "training_pairing_prompts",
+    "training_pairings",
 ]
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -132,6 +134,12 @@ def _held_out_pairings() -> frozenset[tuple[tuple[str, str], tuple[str, str]]]:
 HELD_OUT_PAIRINGS = _held_out_pairings()
 
 
+@functools.cache
+def training_pairings() -> tuple[tuple[tuple[str, str], tuple[str, str]], ...]:
+    """The pairings training scenes draw from (every pairing but the held-out ones), in sorted order."""
+    return tuple(p for p in all_pairings() if p not in HELD_OUT_PAIRINGS)
+
+
 def is_held_out(scene_or_objects: Scene | tuple[ShapeObject, ...] | list[ShapeObject]) -> bool:
     """True when a two-object scene's pairing is in the held-out split."""
     objects = scene_or_objects.objects if isinstance(scene_or_objects, Scene) else tuple(scene_or_objects)
@@ -184,7 +192,7 @@ def sample_scene(
         obj = ShapeObject(color, shape, round(cx, 4), round(cy, 4), round(size[0], 4))
         return Scene((obj,), caption_scene((obj,), "and"), "single")
     if pairing is None:
-        pool = sorted(HELD_OUT_PAIRINGS) if split == "test" else [p for p in all_pairings() if p not in HELD_OUT_PAIRINGS]
+        pool = sorted(HELD_OUT_PAIRINGS) if split == "test" else training_pairings()
         pairing = rng.choice(pool)
     elif (_canonical(*pairing) in HELD_OUT_PAIRINGS) != (split == "test"):
         raise ValueError(f"pairing {pairing} is not in the {split} split")
@@ -280,7 +288,7 @@ def held_out_halves() -> tuple[list[tuple[tuple[str, str], tuple[str, str]]], li
 def training_pairing_prompts(forms: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """:func:`held_out_prompts` for the pairings the models were trained on (the other 80%): where settings
     are tuned, so the held-out prompts stay a test."""
-    return pairing_prompts([p for p in all_pairings() if p not in HELD_OUT_PAIRINGS], forms)
+    return pairing_prompts(list(training_pairings()), forms)
 
 
 def pairing_prompts(
