@@ -26,13 +26,11 @@ from bench_attention import device_description, git_commit, load_average, synchr
 from diffusers import StableDiffusionPipeline
 
 from realign_pipeline import RealignDiffPipeline
-from realign_pipeline._tiny_clip import tiny_clip
-from realign_pipeline._tiny_grounding import tiny_grounding_dino, tiny_sam
 from realign_pipeline.captioner.dense import DenseCaptioner
 from realign_pipeline.captioner.grounding import GroundingDinoSamGrounder
 from realign_pipeline.captioner.llm_rules import RuleBasedLLM
 from realign_pipeline.captioner.tagger import ClipTagger
-from realign_pipeline.testing import tiny_pipeline
+from realign_pipeline.testing import tiny_clip, tiny_grounding_dino, tiny_pipeline, tiny_sam
 
 PROMPT = "a red book and a yellow vase"
 

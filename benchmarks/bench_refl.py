@@ -83,7 +83,7 @@ def build_reward(spec: str, folder: Path):
     from realign_pipeline.rewards import load_reward
 
     if spec == "tiny-clip":
-        from realign_pipeline._tiny_clip import tiny_clip
+        from realign_pipeline.testing import tiny_clip
 
         return load_reward("clip", model=str(tiny_clip(folder / "clip")))
     _, name, path = spec.split(":", 2)

@@ -22,11 +22,10 @@ from realign_pipeline.evaluation.run import run_evaluation
 def tiny_setup(root: Path):
     """Two configurations on the tiny random pipeline (plain, and the fine stage with the shapes captioner),
     a tiny CLIP for the CLIP score, and three prompts."""
-    from realign_pipeline._tiny_clip import tiny_clip
     from realign_pipeline.evaluation.configs import EvalConfig
     from realign_pipeline.pipeline import RealignDiffPipeline
     from realign_pipeline.shapes.perception import shapes_dense_captioner
-    from realign_pipeline.testing import tiny_pipeline
+    from realign_pipeline.testing import tiny_clip, tiny_pipeline
 
     pipe = tiny_pipeline(RealignDiffPipeline, save_dir=root / "pipe")
     pipe.dense_captioner = shapes_dense_captioner()

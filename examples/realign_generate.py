@@ -49,9 +49,7 @@ def main(argv=None):
 
     tagger_kwargs, grounder_kwargs = {}, {}
     if args.tiny:  # tiny random models saved to folders and loaded through from_pretrained, offline
-        from realign_pipeline._tiny_clip import tiny_clip
-        from realign_pipeline._tiny_grounding import tiny_grounding_dino, tiny_sam
-        from realign_pipeline.testing import tiny_pipeline
+        from realign_pipeline.testing import tiny_clip, tiny_grounding_dino, tiny_pipeline, tiny_sam
 
         root = tempfile.mkdtemp(prefix="tiny-models-")
         tiny_pipeline(save_dir=os.path.join(root, "sd"))

@@ -16,10 +16,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from realign_pipeline import Layout, Region
-from realign_pipeline._tiny_clip import tiny_clip
-from realign_pipeline._tiny_grounding import tiny_grounding_dino, tiny_sam
 from realign_pipeline.cli import main
-from realign_pipeline.testing import tiny_pipeline
+from realign_pipeline.testing import tiny_clip, tiny_grounding_dino, tiny_pipeline, tiny_sam
 from realign_pipeline.visualize import display_size, figure6_panel, figure7_maps
 
 PROMPT = "a red book and a yellow vase"

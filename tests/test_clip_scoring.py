@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor
 
-from realign_pipeline._tiny_clip import TINY_CLIP_IMAGE_SIZE, tiny_clip
 from realign_pipeline.scoring import DEFAULT_CLIP_MODEL, ClipScorer, clip_preprocess_tensor, cosine_similarity
+from realign_pipeline.testing import TINY_CLIP_IMAGE_SIZE, tiny_clip
 
 
 @pytest.fixture(scope="module")

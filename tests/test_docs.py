@@ -55,10 +55,14 @@ def python_files():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     from realign_pipeline import RealignDiffPipeline
-    from realign_pipeline._tiny_blip2 import tiny_blip2_captioner, tiny_blip2_itm
-    from realign_pipeline._tiny_clip import tiny_clip
-    from realign_pipeline._tiny_grounding import tiny_grounding_dino, tiny_sam
-    from realign_pipeline.testing import tiny_pipeline
+    from realign_pipeline.testing import (
+        tiny_blip2_captioner,
+        tiny_blip2_itm,
+        tiny_clip,
+        tiny_grounding_dino,
+        tiny_pipeline,
+        tiny_sam,
+    )
 
     root = tmp_path_factory.mktemp("tiny-hub")
     sd, lora = str(root / "sd"), str(root / "lora")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realign_pipeline._tiny_clip import tiny_clip
 from realign_pipeline.cli import main
+from realign_pipeline.testing import tiny_clip
 
 PROMPTS = ["a red cube", "a blue ball and a green cone", "two yellow cats"]
 SEEDS = (42, 43)

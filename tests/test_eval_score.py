@@ -15,12 +15,11 @@ import PIL.Image
 import pytest
 import torch
 
-from realign_pipeline._tiny_blip2 import _image_processor
-from realign_pipeline._tiny_clip import tiny_clip
 from realign_pipeline.evaluation.fid import FrechetDistance
 from realign_pipeline.evaluation.metrics import ClipScore
 from realign_pipeline.evaluation.score import METRIC_NAMES, read_results, score_folder
 from realign_pipeline.evaluation.vqa import BlipVqaScore, vqa_questions
+from realign_pipeline.testing import blip_image_processor, tiny_clip
 
 PROMPTS = ["a red book and a yellow vase", "a green bench", "a blue car on the road", "the white cat", "a dog"]
 
@@ -81,7 +80,7 @@ def vqa_path(tmp_path_factory):
     )
     path = tmp_path_factory.mktemp("vqa") / "vqa"
     BlipForQuestionAnswering(cfg).eval().save_pretrained(path)
-    BlipProcessor(image_processor=_image_processor(32), tokenizer=bert_tokenizer()).save_pretrained(path)
+    BlipProcessor(image_processor=blip_image_processor(32), tokenizer=bert_tokenizer()).save_pretrained(path)
     return str(path)
 
 

@@ -15,7 +15,6 @@ import PIL.Image
 import pytest
 import torch
 
-from realign_pipeline._tiny_grounding import bert_tokenizer, tiny_grounding_dino, tiny_sam
 from realign_pipeline.captioner.base import (
     Detection,
     Grounder,
@@ -35,6 +34,7 @@ from realign_pipeline.captioner.grounding import (
 )
 from realign_pipeline.captioner.llm_rules import RuleBasedLLM
 from realign_pipeline.shapes.world import ShapeObject, render_scene
+from realign_pipeline.testing import bert_tokenizer, tiny_grounding_dino, tiny_sam
 
 H, W = 48, 80  # a non-square image
 

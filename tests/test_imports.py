@@ -5,7 +5,7 @@ counts, at module level or inside a function:
 
 (a) no import cycle among ``realign_pipeline`` modules;
 (b) no file reaches another module's private name (``from M import _name``, ``M._name``), and no file outside a
-    package imports that package's private module (``realign_pipeline._tiny_clip`` is private to
+    package imports that package's private module (``realign_pipeline._pil_backend`` is private to
     ``realign_pipeline``).
 
 tests/ is not scanned. A module loaded by a computed name (``importlib.import_module(f"...{name}")``) is not
@@ -27,19 +27,9 @@ SRC = ROOT / "src"
 PACKAGE = "realign_pipeline"
 SCANNED = ("src", "examples", "benchmarks", "training")
 
-#: Private names reached from outside their scope, left for now: (file, private name). Each says whose it is.
-ALLOWED_PRIVATE = {
-    # The tiny random models (_tiny_clip, _tiny_grounding, _tiny_blip2) are private modules until the testing
-    # package gives them a public path; testing.py cannot re-export them today, since _tiny_clip imports it back.
-    ("benchmarks/bench_realign.py", "realign_pipeline._tiny_clip"),  # benchmarks: tiny CLIP tagger
-    ("benchmarks/bench_realign.py", "realign_pipeline._tiny_grounding"),  # benchmarks: tiny Grounding DINO, SAM
-    ("benchmarks/bench_refl.py", "realign_pipeline._tiny_clip"),  # benchmarks: tiny CLIP reward
-    ("examples/evaluate_prompt_set.py", "realign_pipeline._tiny_clip"),  # examples: --tiny CLIP score
-    ("examples/realign_generate.py", "realign_pipeline._tiny_clip"),  # examples: --tiny tagger
-    ("examples/realign_generate.py", "realign_pipeline._tiny_grounding"),  # examples: --tiny detector, segmenter
-    # training: the shapes BLIP-2 script also takes _bert_tokenizer and _image_processor, private inside it
-    ("training/shapes/train_blip2.py", "realign_pipeline._tiny_blip2"),
-}
+#: Private names reached from outside their scope, left for now: (file, private name), each with a comment saying
+#: whose it is. Empty: a name another module needs gets a public name instead.
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 
 def _is_private(name: str) -> bool:

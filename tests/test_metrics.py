@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from realign_pipeline._tiny_blip2 import tiny_blip2_captioner, tiny_blip2_itm
-from realign_pipeline._tiny_clip import tiny_clip
 from realign_pipeline.evaluation.fid import FrechetDistance, feature_statistics, frechet_distance, image_files
 from realign_pipeline.evaluation.metrics import (
     CLIP_VIT_B_32,
@@ -23,6 +21,7 @@ from realign_pipeline.evaluation.metrics import (
     NegClipScore,
 )
 from realign_pipeline.rewards import CaptionReward
+from realign_pipeline.testing import tiny_blip2_captioner, tiny_blip2_itm, tiny_clip
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "of", "and", "on"]
 PROMPTS = ["a red circle", "a blue square", "a green star", "the yellow triangle"]

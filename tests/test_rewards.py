@@ -9,8 +9,6 @@ import PIL.Image
 import pytest
 import torch
 
-from realign_pipeline._tiny_blip2 import tiny_blip2_captioner, tiny_blip2_itm
-from realign_pipeline._tiny_clip import tiny_clip
 from realign_pipeline.rewards import (
     IMAGEREWARD_MISSING,
     BlipItmReward,
@@ -20,6 +18,7 @@ from realign_pipeline.rewards import (
     blip2_preprocess_tensor,
     load_reward,
 )
+from realign_pipeline.testing import tiny_blip2_captioner, tiny_blip2_itm, tiny_clip
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "left", "right", "above", "below", "of", "and", "on"]
 PROMPTS = ["a red circle", "a blue square"]

@@ -10,7 +10,6 @@ import PIL.Image
 import pytest
 import torch
 
-from realign_pipeline._tiny_clip import tiny_clip
 from realign_pipeline.captioner.base import Tagger
 from realign_pipeline.captioner.tagger import (
     ClipTagger,
@@ -21,6 +20,7 @@ from realign_pipeline.captioner.tagger import (
     merge_tags,
 )
 from realign_pipeline.scoring import ClipScorer
+from realign_pipeline.testing import tiny_clip
 
 SMALL_TAGS = ["cat", "dog", "red cube", "tree", "car", "banana", "sky", "person"]
 

@@ -434,7 +434,7 @@ def test_two_process_accelerate_launch(assets, tmp_path):
 
 def test_clip_reward_through_load_reward(assets, tmp_path):
     """--reward clip --reward_model_path <tiny CLIP folder>: the script's own reward path, no test reward."""
-    from realign_pipeline._tiny_clip import tiny_clip
+    from realign_pipeline.testing import tiny_clip
 
     tiny_clip(tmp_path / "clip")
     args = _args(assets, tmp_path / "clip-run", "--use_lora", "--max_train_steps", "1")

@@ -28,8 +28,8 @@ from transformers import (
     OPTConfig,
 )
 
-from realign_pipeline._tiny_blip2 import _bert_tokenizer, _image_processor, tiny_opt_tokenizer
 from realign_pipeline.shapes.world import CAPTION_FORMS, COLORS, SHAPES
+from realign_pipeline.testing import blip2_itm_tokenizer, blip_image_processor, tiny_opt_tokenizer
 
 NUM_QUERY_TOKENS = 8
 ITC_TEMPERATURE = 0.07
@@ -50,7 +50,7 @@ def _vision_qformer(text_input: bool, vocab_size: int | None = None) -> tuple[di
 
 
 def make_captioner() -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
-    processor = Blip2Processor(image_processor=_image_processor(32), tokenizer=tiny_opt_tokenizer(WORLD_WORDS),
+    processor = Blip2Processor(image_processor=blip_image_processor(32), tokenizer=tiny_opt_tokenizer(WORLD_WORDS),
                                num_query_tokens=NUM_QUERY_TOKENS)
     tok = processor.tokenizer
     text = OPTConfig(vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=64, ffn_dim=256, num_hidden_layers=2,
@@ -67,7 +67,7 @@ def make_captioner() -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
 
 
 def make_itm() -> tuple[Blip2ForImageTextRetrieval, Blip2Processor]:
-    processor = Blip2Processor(image_processor=_image_processor(32), tokenizer=_bert_tokenizer())
+    processor = Blip2Processor(image_processor=blip_image_processor(32), tokenizer=blip2_itm_tokenizer())
     vision, qformer = _vision_qformer(text_input=True, vocab_size=len(processor.tokenizer))
     processor.tokenizer.model_max_length = qformer["max_position_embeddings"]  # texts longer than that are cut
     config = Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=NUM_QUERY_TOKENS,

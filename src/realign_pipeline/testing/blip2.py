@@ -26,6 +26,8 @@ import torch
 __all__ = [
     "TINY_BLIP2_IMAGE_SIZE",
     "TINY_BLIP2_NUM_QUERY_TOKENS",
+    "blip2_itm_tokenizer",
+    "blip_image_processor",
     "tiny_blip2_captioner",
     "tiny_blip2_itm",
     "tiny_opt_tokenizer",
@@ -79,16 +81,19 @@ def tiny_opt_tokenizer(words=None):
     )
 
 
-def _bert_tokenizer():
-    """The real BERT uncased WordPiece tokenizer (30,522 tokens), built offline; 64 tokens at most."""
-    from ._tiny_grounding import bert_tokenizer
+def blip2_itm_tokenizer():
+    """The tokenizer of :func:`tiny_blip2_itm`: the real BERT uncased WordPiece tokenizer (30,522 tokens), built
+    offline, 64 tokens at most."""
+    from .grounding import bert_tokenizer
 
     tokenizer = bert_tokenizer()
     tokenizer.model_max_length = 64
     return tokenizer
 
 
-def _image_processor(image_size: int):
+def blip_image_processor(image_size: int = TINY_BLIP2_IMAGE_SIZE):
+    """The image processor of the tiny BLIP-2 checkpoints (also right for a tiny BLIP): the Pillow
+    ``BlipImageProcessorPil`` resizing to ``image_size`` square, bicubic, with OpenAI CLIP's mean and std."""
     # the Pillow class by name: the default one needs torchvision, which the base install leaves out
     from transformers import BlipImageProcessorPil
 
@@ -147,7 +152,7 @@ def tiny_blip2_captioner(
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     processor = Blip2Processor(
-        image_processor=_image_processor(image_size),
+        image_processor=blip_image_processor(image_size),
         tokenizer=tiny_opt_tokenizer(words),
         num_query_tokens=num_query_tokens,
     )
@@ -198,7 +203,7 @@ def tiny_blip2_itm(
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    processor = Blip2Processor(image_processor=_image_processor(image_size), tokenizer=_bert_tokenizer())
+    processor = Blip2Processor(image_processor=blip_image_processor(image_size), tokenizer=blip2_itm_tokenizer())
     vision, qformer = _vision_qformer(image_size, num_query_tokens, vocab_size=len(processor.tokenizer), text_input=True)
     config = Blip2Config(
         vision_config=vision,

@@ -1,9 +1,9 @@
 """Tiny random Grounding DINO and SAM checkpoints for tests (no download; a few hundred kB each).
 
 Each builder writes a model and its processor with ``save_pretrained`` into ``save_dir`` and returns the path,
-so tests load them back through the same ``from_pretrained`` calls that users make with hub ids. Random
-weights produce random boxes and masks: tests steer the outcome with thresholds (0 forces boxes, values
-above 1 force "no box"), not with the content of the image.
+so tests load them back through the same ``from_pretrained`` calls that users make with hub ids; the caller's
+global torch RNG state is left untouched. Random weights produce random boxes and masks: tests steer the
+outcome with thresholds (0 forces boxes, values above 1 force "no box"), not with the content of the image.
 
 Measured constraints (transformers 5.24): Grounding DINO needs ``decoder_layers >= 2``, and at 64 px inputs
 ``num_feature_levels=3``; SAM needs ``vision_config.num_pos_feats * 2 == prompt_encoder_config.hidden_size``.
@@ -80,8 +80,9 @@ def tiny_grounding_dino(save_dir: str | os.PathLike, seed: int = 0, image_size: 
         num_feature_levels=3,
         max_text_len=64,
     )
-    torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config).eval()
     image_processor = GroundingDinoImageProcessorPil(
         size={"shortest_edge": image_size, "longest_edge": 2 * image_size}
     )
@@ -125,8 +126,9 @@ def tiny_sam(save_dir: str | os.PathLike, seed: int = 0, image_size: int = 64) -
             "iou_head_hidden_dim": 16,
         },
     )
-    torch.manual_seed(seed)
-    model = SamModel(config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(config).eval()
     image_processor = SamImageProcessorPil(
         size={"longest_edge": image_size},
         pad_size={"height": image_size, "width": image_size},

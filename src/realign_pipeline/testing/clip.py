@@ -27,7 +27,7 @@ def tiny_clip_model_and_processor(seed: int = 0, image_size: int = TINY_CLIP_IMA
     # the Pillow class by name: the default one needs torchvision, which the base install leaves out
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-    from .testing import clip_tokenizer
+    from .stable_diffusion import clip_tokenizer
 
     text_config = {
         "vocab_size": 49408,

@@ -55,6 +55,7 @@ from diffusers import StableDiffusionPipeline
 __all__ = [
     "CLIP_BPE_FILENAME",
     "STYLES",
+    "bytes_to_unicode",
     "clip_tokenizer",
     "tiny_components",
     "tiny_pipeline",
@@ -78,8 +79,11 @@ _HIDDEN = 32
 _BLOCK_OUT = (32, 64)
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable characters CLIP (and GPT-2) map bytes to, in CLIP's vocabulary order."""
+def bytes_to_unicode() -> list[str]:
+    """The 256 printable characters CLIP (and GPT-2) map bytes to, in CLIP's vocabulary order.
+
+    A byte-level BPE vocabulary (CLIP's, GPT-2's) starts with these 256 tokens, in this order.
+    """
     bs = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("\u00a1"), ord("\u00ac") + 1))
@@ -105,7 +109,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     lines = gzip.decompress(data).decode("utf-8").split("\n")
     # Line 0 is a version header; CLIP uses the first 49152 - 256 - 2 merges.
     merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
     tokens += ["".join(m) for m in merges]
     tokens += [_BOS_TOKEN, _EOS_TOKEN]
