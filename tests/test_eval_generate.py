@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from realign_pipeline import Layout, RealignDiffPipeline, Region
+from realign_pipeline.captioner import CaptionerWrapper
 from realign_pipeline.evaluation import load_prompts
 from realign_pipeline.evaluation.configs import (
     PRESETS,
     EvalConfig,
-    UnitScoreCaptioner,
     build_pipeline,
     load_config,
 )
@@ -285,14 +285,15 @@ class BoxCaptioner:
 
 
 def test_densediffusion_unit_scores(config, tmp_path):
-    wrapped = UnitScoreCaptioner(BoxCaptioner())
+    wrapped = CaptionerWrapper(BoxCaptioner(), score=1.0)
     layout = wrapped([None], ["a red book and a yellow vase"])[0]
     assert [region.score for region in layout] == [1.0, 1.0] and layout.source["unit_scores"] == 1.0
     assert [list(region.box) for region in layout] == [[0.0, 0.2, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
 
     dense = load_config("densediffusion").replace(name="dd", model=config.model, steps=STEPS)
     dd_pipe = build_pipeline(dense, device="cpu", captioner=BoxCaptioner())
-    assert isinstance(dd_pipe.dense_captioner, UnitScoreCaptioner)
+    unit = dd_pipe.dense_captioner
+    assert isinstance(unit, CaptionerWrapper) and unit.score == 1.0 and isinstance(unit.captioner, BoxCaptioner)
     records = load_prompts(tmp_path / "p.txt") if (tmp_path / "p.txt").write_text(
         "a red book and a yellow vase\n") else None
     generate_images(dense, records, tmp_path / "out", pipeline=dd_pipe, progress=False)
@@ -303,7 +304,7 @@ def test_densediffusion_unit_scores(config, tmp_path):
     assert {"coarse_s", "caption_s", "fine_s", "total_s"} <= set(row["timings"])
     assert [r.score for r in Layout.from_json(tmp_path / "out" / row["layout_file"])] == [1.0, 1.0]
     assert (tmp_path / "out" / row["coarse_file"]).is_file()
-    assert isinstance(dd_pipe.dense_captioner, UnitScoreCaptioner)  # the timing wrapper is removed afterwards
+    assert dd_pipe.dense_captioner is unit  # the timing wrapper is removed afterwards
 
 
 def test_score_report_and_study_through_the_command_line(config, pipe, tmp_path, capsys):

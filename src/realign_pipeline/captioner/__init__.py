@@ -7,15 +7,19 @@ Backends import their heavy dependencies lazily, so importing this package is ch
 """
 
 from .base import LLM, Detection, Grounder, LLMResult, ObjectJudgement, RelationFinder, RelationResult, Tagger
+from .build import DEFAULT_CAPTIONER_SETTINGS, build_captioner, build_llm
 from .dense import DenseCaptioner
 from .grounding import GroundingDinoSamGrounder, SegmentAnythingAdapter, box_nms
 from .llm import LLMAnswerError, OpenAIChat, TransformersChat, make_llm, validate_answer
 from .llm_rules import RuleBasedLLM, prompt_objects, prompt_relations
 from .relations import Relation, correct_layout, relation_holds
 from .tagger import ClipTagger, RamTagger
+from .wrapper import CaptionerWrapper
 
 __all__ = [
+    "DEFAULT_CAPTIONER_SETTINGS",
     "LLM",
+    "CaptionerWrapper",
     "ClipTagger",
     "DenseCaptioner",
     "Detection",
@@ -34,6 +38,8 @@ __all__ = [
     "Tagger",
     "TransformersChat",
     "box_nms",
+    "build_captioner",
+    "build_llm",
     "correct_layout",
     "make_llm",
     "prompt_objects",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..captioner.build import DEFAULT_CAPTIONER_SETTINGS, build_captioner, build_llm
 from .common import (
     DTYPES,
     EXIT_OK,
@@ -29,9 +30,9 @@ from .common import (
 )
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_TAGGER = "openai/clip-vit-large-patch14"
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
-DEFAULT_SEGMENTER = "facebook/sam-vit-base"
+DEFAULT_TAGGER = DEFAULT_CAPTIONER_SETTINGS["tagger_model"]
+DEFAULT_DETECTOR = DEFAULT_CAPTIONER_SETTINGS["detector"]
+DEFAULT_SEGMENTER = DEFAULT_CAPTIONER_SETTINGS["segmenter"]
 
 GENERATE_DESCRIPTION = """\
 Generate images with RealignDiff: a coarse image, its dense caption (tagger -> LLM -> Grounding DINO + SAM)
@@ -103,8 +104,10 @@ def add_parser(subparsers: Any) -> None:
     realign.add_argument("--tag-threshold", type=float, help="one tagger threshold for every tag (default: RAM's)")
     realign.add_argument("--detector", default=DEFAULT_DETECTOR, help="Grounding DINO id or folder")
     realign.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="SAM id or folder")
-    realign.add_argument("--box-threshold", type=float, default=0.35, help="Grounding DINO box threshold")
-    realign.add_argument("--text-threshold", type=float, default=0.25, help="Grounding DINO text threshold")
+    realign.add_argument("--box-threshold", type=float, default=DEFAULT_CAPTIONER_SETTINGS["box_threshold"],
+                         help="Grounding DINO box threshold")
+    realign.add_argument("--text-threshold", type=float, default=DEFAULT_CAPTIONER_SETTINGS["text_threshold"],
+                         help="Grounding DINO text threshold")
     pictures = parser.add_argument_group("pictures")
     pictures.add_argument("--words", nargs="+", help="words of the Figure 7 maps (default: the layout phrases' words)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -124,31 +127,39 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _make_llm(args: argparse.Namespace, notes: list[str]):
+def _captioner_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The captioner's settings (:func:`~realign_pipeline.captioner.build_captioner`) from the flags, after the
+    CLI's own rules: ``--llm openai`` without a key or server falls back to the rule-based LLM (with a warning),
+    ``--llm local`` needs ``--llm-model``."""
     import os
 
-    from ..captioner import RuleBasedLLM, make_llm
-
-    if args.llm == "rule":
-        return RuleBasedLLM()
-    if args.llm == "openai":
-        if not (os.environ.get("OPENAI_API_KEY") or args.llm_base_url or os.environ.get("OPENAI_BASE_URL")):
-            print(
-                f"{PROG} generate: warning: no OpenAI key (OPENAI_API_KEY) and no --llm-base-url: "
-                "falling back to rule-based.",
-                file=sys.stderr,
-            )
-            return RuleBasedLLM()
-        kwargs = {"base_url": args.llm_base_url}
-        if args.llm_model:
-            kwargs["model"] = args.llm_model
-        return make_llm("openai", **kwargs)
-    if not args.llm_model:
+    settings = {key: getattr(args, key) for key in DEFAULT_CAPTIONER_SETTINGS}
+    if args.llm == "openai" and not (os.environ.get("OPENAI_API_KEY") or args.llm_base_url
+                                     or os.environ.get("OPENAI_BASE_URL")):
+        print(
+            f"{PROG} generate: warning: no OpenAI key (OPENAI_API_KEY) and no --llm-base-url: "
+            "falling back to rule-based.",
+            file=sys.stderr,
+        )
+        settings["llm"] = "rule"
+    if args.llm == "local" and not args.llm_model:
         raise CLIError("--llm local needs --llm-model (a chat model's hub id or folder).", EXIT_USAGE)
-    try:
-        return make_llm("local", model_id_or_path=args.llm_model, device=None)
-    except LOAD_ERRORS as error:
-        raise load_error("local LLM", args.llm_model, error, "--llm-model") from None
+    return settings
+
+
+def _load_error_hook(args: argparse.Namespace):
+    """Turns a captioner part's loading error into the CLI's one-line message naming its flag."""
+
+    def hook(part: str, setting: str, error: BaseException) -> CLIError | None:
+        if not isinstance(error, LOAD_ERRORS):
+            return None
+        return load_error(part, getattr(args, setting), error, "--" + setting.replace("_", "-"))
+
+    return hook
+
+
+def _make_llm(args: argparse.Namespace):
+    return build_llm(_captioner_settings(args), on_load_error=_load_error_hook(args))
 
 
 def _default_captioner_options(args: argparse.Namespace) -> bool:
@@ -157,30 +168,10 @@ def _default_captioner_options(args: argparse.Namespace) -> bool:
         DEFAULT_TAGGER, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, None)
 
 
-def _make_captioner(args: argparse.Namespace, device: str, dtype, notes: list[str]):
-    """The dense captioner with every model loaded now (so a missing model fails before any generation)."""
-    from ..captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder
-
-    llm = _make_llm(args, notes)
-    kwargs = {} if args.tag_threshold is None else {"thresholds": args.tag_threshold}
-    try:
-        tagger = ClipTagger(args.tagger_model, device=device, **kwargs)
-    except LOAD_ERRORS as error:
-        raise load_error("tagger (CLIP)", args.tagger_model, error, "--tagger-model") from None
-    grounder = GroundingDinoSamGrounder(
-        args.detector, args.segmenter, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-        device=device,
-    )
-    try:
-        grounder.load()
-    except LOAD_ERRORS as error:
-        raise load_error("detector (Grounding DINO)", args.detector, error, "--detector") from None
-    if hasattr(grounder.segmenter, "load"):
-        try:
-            grounder.segmenter.load()
-        except LOAD_ERRORS as error:
-            raise load_error("segmenter (SAM)", args.segmenter, error, "--segmenter") from None
-    return DenseCaptioner(tagger, llm, grounder)
+def _make_captioner(args: argparse.Namespace, device: str):
+    """The dense captioner with its detector and segmenter loaded now (a missing model fails before any
+    generation), built by :func:`~realign_pipeline.captioner.build_captioner`."""
+    return build_captioner(_captioner_settings(args), device, on_load_error=_load_error_hook(args))
 
 
 def _slug(prompt: str, index: int) -> str:
@@ -249,11 +240,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if pipe.dense_captioner is not None and _default_captioner_options(args):
                 # the captioner saved with the model (e.g. the shapes world's) fits it better than the defaults
                 if args.llm != "rule":
-                    pipe.dense_captioner.llm = _make_llm(args, notes)
+                    pipe.dense_captioner.llm = _make_llm(args)
                 notes.append("using the dense captioner saved with the model (pass --tagger-model/--detector/"
                              "--segmenter to replace it)")
             else:
-                pipe.dense_captioner = _make_captioner(args, device, dtype, notes)
+                pipe.dense_captioner = _make_captioner(args, device)
             realign = True
         except CLIError as error:
             if args.realign:  # asked for explicitly: a missing captioner model is an error

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..captioner.build import DEFAULT_CAPTIONER_SETTINGS, build_captioner
+from ..captioner.wrapper import CaptionerWrapper
+
 __all__ = [
     "DEFAULT_CAPTIONER",
     "PRESETS",
@@ -30,7 +33,6 @@ __all__ = [
     "SHAPES_MODEL",
     "EvalConfig",
     "PromptistRewriter",
-    "UnitScoreCaptioner",
     "build_captioner",
     "build_pipeline",
     "check_checkpoint",
@@ -46,18 +48,9 @@ PROMPTIST = "microsoft/Promptist"
 SHAPES_MODEL = "shapes:pipeline"
 _SHAPES_PREFIX = "shapes:"
 PIPELINES = ("realign", "auto")
-#: The dense captioner of the fine stage, as ``realigndiff generate`` builds it by default.
-DEFAULT_CAPTIONER: dict[str, Any] = {
-    "tagger_model": "openai/clip-vit-large-patch14",
-    "tag_threshold": None,
-    "llm": "rule",
-    "llm_model": None,
-    "llm_base_url": None,
-    "detector": "IDEA-Research/grounding-dino-tiny",
-    "segmenter": "facebook/sam-vit-base",
-    "box_threshold": 0.35,
-    "text_threshold": 0.25,
-}
+#: The dense captioner of the fine stage, as ``realigndiff generate`` builds it by default (the settings of
+#: :func:`~realign_pipeline.captioner.build_captioner`, which builds it).
+DEFAULT_CAPTIONER: dict[str, Any] = DEFAULT_CAPTIONER_SETTINGS
 #: Pipeline call arguments a configuration may set (``RealignDiffPipeline.__call__``'s own arguments).
 REALIGN_KWARGS = (
     "cross_attention_strength",
@@ -285,62 +278,6 @@ def load_config(name_or_path: str | os.PathLike | EvalConfig) -> EvalConfig:
 # ---------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------
-class UnitScoreCaptioner:
-    """Wraps a dense captioner so that every region of its layouts has score `score` (DenseDiffusion: 1)."""
-
-    def __init__(self, captioner: Any, score: float = 1.0):
-        self.captioner = captioner
-        self.score = float(score)
-
-    def __call__(self, images: list, prompts: list[str]) -> list:
-        from ..layout import Layout
-
-        layouts = self.captioner(images, prompts)
-        return [
-            Layout(
-                [dataclasses.replace(region, score=self.score) for region in layout],
-                source={**(layout.source or {}), "unit_scores": self.score},
-            )
-            for layout in layouts
-        ]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "captioner":  # not set yet (copy / unpickling)
-            raise AttributeError(name)
-        return getattr(self.captioner, name)
-
-
-def build_captioner(settings: dict[str, Any] | None = None, device: str | None = None):
-    """A :class:`~realign_pipeline.captioner.DenseCaptioner` from :data:`DEFAULT_CAPTIONER`-style settings,
-    with every model loaded now (a missing model fails before any image is generated)."""
-    from ..captioner import ClipTagger, DenseCaptioner, GroundingDinoSamGrounder, RuleBasedLLM, make_llm
-
-    spec = {**DEFAULT_CAPTIONER, **(settings or {})}
-    if spec["llm"] == "rule":
-        llm = RuleBasedLLM()
-    elif spec["llm"] == "openai":
-        kwargs = {"base_url": spec["llm_base_url"]}
-        if spec["llm_model"]:
-            kwargs["model"] = spec["llm_model"]
-        llm = make_llm("openai", **kwargs)
-    elif spec["llm"] == "local":
-        if not spec["llm_model"]:
-            raise ValueError("captioner llm 'local' needs llm_model (a chat model's hub id or folder).")
-        llm = make_llm("local", model_id_or_path=spec["llm_model"], device=None)
-    else:
-        raise ValueError(f"captioner llm must be 'rule', 'openai' or 'local', got {spec['llm']!r}.")
-    tagger_kwargs = {} if spec["tag_threshold"] is None else {"thresholds": spec["tag_threshold"]}
-    tagger = ClipTagger(spec["tagger_model"], device=device, **tagger_kwargs)
-    grounder = GroundingDinoSamGrounder(
-        spec["detector"], spec["segmenter"], box_threshold=spec["box_threshold"],
-        text_threshold=spec["text_threshold"], device=device,
-    )
-    grounder.load()
-    if hasattr(grounder.segmenter, "load"):
-        grounder.segmenter.load()
-    return DenseCaptioner(tagger, llm, grounder)
-
-
 def _dtype(config: EvalConfig, device: str, dtype: Any):
     import torch
 
@@ -407,7 +344,7 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
     Loads the model, the ReFL checkpoint (``unet`` replaces the UNet, ``lora`` is loaded with
     ``load_lora_weights``), and for ``realign=True`` the dense captioner (`captioner` if given, else the one saved
     with the model, else :func:`build_captioner` with ``config.captioner``), wrapped by
-    :class:`UnitScoreCaptioner` when ``unit_scores``. A :class:`PromptistRewriter` is attached as
+    :class:`~realign_pipeline.captioner.CaptionerWrapper` with ``score=1`` when ``unit_scores``. A :class:`PromptistRewriter` is attached as
     ``pipe.prompt_rewriter`` when ``config.promptist`` is set (``None`` otherwise).
 
     A shapes-world model (``"shapes:pipeline"``) without a saved captioner gets
@@ -454,7 +391,7 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
         elif pipe.dense_captioner is None or config.captioner is not None:
             pipe.dense_captioner = build_captioner(config.captioner, device=device)
         if config.unit_scores:
-            pipe.dense_captioner = UnitScoreCaptioner(pipe.dense_captioner)
+            pipe.dense_captioner = CaptionerWrapper(pipe.dense_captioner, score=1.0)
     pipe.prompt_rewriter = (
         PromptistRewriter(
             config.promptist, tokenizer=config.promptist_tokenizer, device=device,

@@ -37,6 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..captioner.wrapper import CaptionerWrapper
 from .configs import EvalConfig, build_pipeline, check_checkpoint, load_config
 from .manifest import drop_cut_lines, read_manifest
 from .prompts import PromptRecord
@@ -124,30 +125,6 @@ def _write_config(out_dir: Path, config: EvalConfig) -> None:
             return
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"),
                   out_dir / _PARTIAL)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing the realign call's stages
-# ---------------------------------------------------------------------------------------------------------
-class _TimedCaptioner:
-    """Records when the dense captioner starts and ends, so the realign call splits into coarse / caption / fine."""
-
-    def __init__(self, captioner: Any):
-        self.captioner = captioner
-        self.started: float | None = None
-        self.ended: float | None = None
-
-    def __call__(self, images, prompts):
-        self.started = time.perf_counter()
-        try:
-            return self.captioner(images, prompts)
-        finally:
-            self.ended = time.perf_counter()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "captioner":
-            raise AttributeError(name)
-        return getattr(self.captioner, name)
 
 
 def _initial_latents(pipe, indices: Sequence[int], seed: int, per_prompt: int, height: int, width: int):
@@ -309,7 +286,7 @@ def generate_images(
     if config.realign:
         if getattr(pipe, "dense_captioner", None) is None:
             raise ValueError(f"config {config.name!r} has realign=true but the pipeline has no dense captioner.")
-        timed = _TimedCaptioner(pipe.dense_captioner)
+        timed = CaptionerWrapper(pipe.dense_captioner)  # times the captioner: coarse / caption / fine
         pipe.dense_captioner = timed
     height, width = _default_size(pipe, config)
     settings = config.call_kwargs()
