@@ -140,3 +140,52 @@ def test_quick_run_on_the_three_object_world(fine_stage_rates, tmp_path):
     assert rows and all(len(row["pairing"].split(" + ")) == 3 for row in rows)
     for metric, entry in result["splits"]["held-out"]["rates"].items():
         _check(entry["fine"], sum(row["coarse"][metric] is not None for row in rows))
+
+
+def test_the_diagnosis_controls_hold_and_its_counts_add_up(fine_stage_rates, tmp_path):
+    import fine_stage_diagnosis
+
+    result = fine_stage_diagnosis.main(["--quick", "--out", str(tmp_path / "diagnosis.json")])
+    realigned = result["realigned"]
+    assert 0 < realigned <= result["images"]
+    variants = result["variants"]
+    # strength 0 is the coarse pass again, pixel for pixel; any other modulation changes the image
+    assert variants["strength 0 (control)"]["pixel-identical to the coarse image"] == realigned
+    assert variants["paper (the fine stage)"]["pixel-identical to the coarse image"] < realigned
+    # the paper's variant is realign=True's own fine pass, from the same noise
+    for metric in ("binding", "presence"):
+        assert variants["paper (the fine stage)"][metric] == result["realign=True against its coarse pass"][metric]
+        for entry in variants.values():
+            _check(entry[metric], realigned)
+    for entry in variants.values():
+        broken = entry["binding"]["broken"]
+        assert entry["broken binding: object lost"] + entry["broken binding: object kept, recoloured"] == broken
+    captions = result["captions"]
+    assert captions["coarse right"]["images"] + captions["coarse wrong"]["images"] == realigned
+    for side in captions.values():
+        on_target = side["regions on their target"]
+        assert on_target <= side["regions"] == sum(side["scores"].values())
+        assert side["regions on target asking a recolouring"] + side["regions on target asking no change"] == on_target
+        assert side["images with a region on every prompted object"] <= side["images"]
+
+
+def test_a_region_is_judged_by_the_object_under_its_mask(fine_stage_rates):
+    import fine_stage_diagnosis
+
+    from realign_pipeline import Layout, Region
+    from realign_pipeline.shapes.world import ShapeObject, render_scene
+
+    image = render_scene((ShapeObject("red", "circle", 0.25, 0.5, 0.35), ShapeObject("blue", "square", 0.75, 0.5, 0.35)))
+    left = np.zeros((32, 32), dtype=np.float32)
+    left[8:24, 2:14] = 1
+    right = left[:, ::-1].copy()
+    objects = [{"color": "blue", "shape": "circle"}, {"color": "blue", "shape": "square"}]
+    audit = fine_stage_diagnosis.region_audit(
+        Layout([Region("blue circle", mask=left), Region("blue square", mask=right)]), image, objects)
+    # the circle region asks to recolour the red circle; the square region asks nothing new
+    assert [(r["on_target"], r["recolour"]) for r in audit["regions"]] == [(True, True), (True, False)]
+    assert audit["complete"]
+    # a region over the wrong object is off target, and the circle then has no region
+    audit = fine_stage_diagnosis.region_audit(Layout([Region("blue circle", mask=right)]), image, objects)
+    assert [r["on_target"] for r in audit["regions"]] == [False] and not audit["complete"]
+    assert fine_stage_diagnosis.phrase_object("the purple cross") == {"color": "purple", "shape": "cross"}

@@ -5,6 +5,7 @@ change (checker summary, images fixed / broken, pixel change)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,16 +55,20 @@ def pixel_changes(before: Sequence[Any], after: Sequence[Any]) -> list[float]:
 
 def load_pipeline(model: str | None = None, need_captioner: bool = False):
     """A shapes-world pipeline without progress bars: a shipped world by name (None or ``"shapes"``,
-    ``"shapes-bow"``) or any `RealignDiffPipeline` folder."""
+    ``"shapes-bow"``, ``"shapes-triples"``) or any `RealignDiffPipeline` folder. Loaded once per process and
+    model: the scripts set what they change (e.g. the captioner's relation correction) on every run."""
+    pipe = _load_pipeline(model or "shapes")
+    if need_captioner and pipe.dense_captioner is None:
+        raise SystemExit(f"{model}: no dense captioner saved with this pipeline; the fine stage needs one")
+    return pipe
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pipeline(model: str):
     from realign_pipeline import RealignDiffPipeline
     from realign_pipeline.shapes.pretrained import SHAPES_WORLDS, load_shapes_pipeline
 
-    if model is None or model in SHAPES_WORLDS:
-        pipe = load_shapes_pipeline(world=model or "shapes")
-    else:
-        pipe = RealignDiffPipeline.from_pretrained(model)
-    if need_captioner and pipe.dense_captioner is None:
-        raise SystemExit(f"{model}: no dense captioner saved with this pipeline; the fine stage needs one")
+    pipe = load_shapes_pipeline(world=model) if model in SHAPES_WORLDS else RealignDiffPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
