@@ -34,6 +34,7 @@ from typing import Any
 
 from .configs import EvalConfig, build_pipeline, check_checkpoint, load_config
 from .prompts import PromptRecord, load_prompts
+from .statistics import as_number
 
 __all__ = ["config_folder_name", "run_evaluation", "summary_line"]
 
@@ -91,13 +92,9 @@ def _all_written(folder: Path, records: Sequence[PromptRecord], seed: int, per_p
 
 
 # --- combining the seeds ------------------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _pooled(entries: list[dict[str, Any]], key: str, std_key: str | None) -> tuple[float | None, float | None]:
     """Mean and population std of the union of the seeds' images, from each seed's mean, std and n."""
-    parts = [(_number(e.get(key)), _number(e.get(std_key)) if std_key else None, _number(e.get("n")) or 0.0)
+    parts = [(as_number(e.get(key)), as_number(e.get(std_key)) if std_key else None, as_number(e.get("n")) or 0.0)
              for e in entries]
     if any(m is None or math.isnan(m) for m, _, _ in parts):
         return None, None
@@ -116,7 +113,7 @@ def _combine_metric(name: str, per_seed: dict[int, dict[str, Any]]) -> dict[str,
     entries = list(per_seed.values())
     first = entries[0]
     out: dict[str, Any] = {k: v for k, v in first.items() if "ci_" not in k}  # one seed's CI is not the pool's
-    means = {seed: _number(e.get("mean")) for seed, e in per_seed.items()}
+    means = {seed: as_number(e.get("mean")) for seed, e in per_seed.items()}
     if name in _NOT_POOLED:
         values = [v for v in means.values() if v is not None]
         out["mean"] = sum(values) / len(values) if values else None
@@ -129,11 +126,11 @@ def _combine_metric(name: str, per_seed: dict[int, dict[str, Any]]) -> dict[str,
                 out[key], pooled_std = _pooled(entries, key, std_key if std_key in first else None)
                 if std_key in first:
                     out[std_key] = pooled_std
-    counts = [_number(e.get("n")) for e in entries]
+    counts = [as_number(e.get("n")) for e in entries]
     out["n"] = int(sum(c for c in counts if c is not None)) if any(c is not None for c in counts) else None
-    if _number(first.get("sum")) is not None:
-        out["sum"] = sum(_number(e.get("sum")) or 0.0 for e in entries)
-    if _number(first.get("count_real")) is not None:
+    if as_number(first.get("sum")) is not None:
+        out["sum"] = sum(as_number(e.get("sum")) or 0.0 for e in entries)
+    if as_number(first.get("count_real")) is not None:
         out["count_real"] = first["count_real"]
     models = {str(e.get("model")) for e in entries}
     if len(models) > 1:

@@ -32,7 +32,7 @@ import PIL.Image
 import torch
 
 from .manifest import read_manifest
-from .statistics import bootstrap_ci, summarize  # also importable from here, as scripts and docs do
+from .statistics import as_number, bootstrap_ci, summarize  # the last two also importable from here
 
 __all__ = [
     "METRIC_NAMES",
@@ -213,10 +213,6 @@ def _entry(name: str, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _ci_fields(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in ("ci_low", "ci_high", "confidence", "n_prompts")}
 
@@ -372,7 +368,7 @@ def score_folder(
         computed["timings"] = _timings(entries)
         field_name = computed["timings"].get("field")
         if field_name:
-            values = [_number((e.get("timings") or {}).get(field_name)) for e in entries]
+            values = [as_number((e.get("timings") or {}).get(field_name)) for e in entries]
             computed["timings"] = _with_ci(computed["timings"], summarize(values, **ci))
             per_image["timings"] = values
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "summarize"]
+__all__ = ["as_number", "bootstrap_ci", "summarize"]
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float when it is a JSON number (an int or a float, not a bool), else ``None``."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def bootstrap_ci(
