@@ -1,4 +1,4 @@
-"""Tiny random offline models for tests (yours too), the docs and ``--tiny``.
+"""Tiny random offline models and a loopback chat server, for tests (yours too), the docs and ``--tiny``.
 
 Nothing here downloads anything. One module per family:
 
@@ -7,7 +7,9 @@ Nothing here downloads anything. One module per family:
 - :mod:`.clip`: :func:`tiny_clip` (a tiny random CLIP model and processor saved to a folder);
 - :mod:`.blip2`: :func:`tiny_blip2_captioner` (BLIP-2 with an OPT language model) and :func:`tiny_blip2_itm`
   (BLIP-2 image-text matching), saved to folders;
-- :mod:`.grounding`: :func:`tiny_grounding_dino` and :func:`tiny_sam` saved to folders, :func:`bert_tokenizer`.
+- :mod:`.grounding`: :func:`tiny_grounding_dino` and :func:`tiny_sam` saved to folders, :func:`bert_tokenizer`;
+- :mod:`.chat`: :class:`ChatServer`, an OpenAI-compatible chat completions server on 127.0.0.1 that answers
+  from a script.
 
 The folder builders write with ``save_pretrained``, so a test loads them back with the same
 ``from_pretrained`` call a user makes with a hub id. The weights are random: outputs are noise, shapes and
@@ -23,6 +25,7 @@ from .blip2 import (
     tiny_blip2_itm,
     tiny_opt_tokenizer,
 )
+from .chat import ChatServer
 from .clip import TINY_CLIP_IMAGE_SIZE, tiny_clip, tiny_clip_model_and_processor
 from .grounding import bert_tokenizer, tiny_grounding_dino, tiny_sam
 from .stable_diffusion import (
@@ -40,6 +43,7 @@ __all__ = [
     "TINY_BLIP2_IMAGE_SIZE",
     "TINY_BLIP2_NUM_QUERY_TOKENS",
     "TINY_CLIP_IMAGE_SIZE",
+    "ChatServer",
     "bert_tokenizer",
     "blip2_itm_tokenizer",
     "blip_image_processor",
