@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..lazy import lazy_model
 from .base import Detection, assign_one_to_one, phrase_attributes
 
 __all__ = [
@@ -168,13 +169,24 @@ class TransformersSam:
         self._model = None
         self._processor = None
 
-    def load(self):
-        if self._model is None:
-            from transformers import SamModel, SamProcessor
+    @lazy_model
+    def model(self):
+        """The ``SamModel`` (loaded on first use)."""
+        from transformers import SamModel
 
-            self._processor = SamProcessor.from_pretrained(self.model_name)
-            self._model = SamModel.from_pretrained(self.model_name).to(self.device, self.dtype).eval()
-        return self._model, self._processor
+        return SamModel.from_pretrained(self.model_name).to(self.device, self.dtype).eval()
+
+    @lazy_model
+    def processor(self):
+        """The ``SamProcessor`` (loaded on first use)."""
+        from transformers import SamProcessor
+
+        return SamProcessor.from_pretrained(self.model_name)
+
+    def load(self):
+        """``(model, processor)``, loaded now if they are not yet (done lazily by ``segment``)."""
+        processor = self.processor
+        return self.model, processor
 
     def to(self, device=None, dtype=None):
         self.device = self.device if device is None else torch.device(device)
@@ -243,20 +255,24 @@ class SegmentAnythingAdapter:
                 self._predictor.model.to(self.device)
         return self
 
+    @lazy_model
+    def predictor(self):
+        """segment_anything's ``SamPredictor`` on the checkpoint (loaded on first use)."""
+        from segment_anything import SamPredictor, sam_model_registry
+
+        sam = sam_model_registry[self.model_type](checkpoint=self.checkpoint).to(self.device).eval()
+        return SamPredictor(sam)
+
     @torch.no_grad()
     def segment(self, image: PIL.Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
         if len(boxes) == 0:
             return []
-        if self._predictor is None:
-            from segment_anything import SamPredictor, sam_model_registry
-
-            sam = sam_model_registry[self.model_type](checkpoint=self.checkpoint).to(self.device).eval()
-            self._predictor = SamPredictor(sam)
+        predictor = self.predictor
         array = np.asarray(image.convert("RGB"))
-        self._predictor.set_image(array)
+        predictor.set_image(array)
         box_tensor = torch.as_tensor(np.asarray(boxes, float), dtype=torch.float, device=self.device)
-        box_tensor = self._predictor.transform.apply_boxes_torch(box_tensor, array.shape[:2])
-        masks, iou, _ = self._predictor.predict_torch(
+        box_tensor = predictor.transform.apply_boxes_torch(box_tensor, array.shape[:2])
+        masks, iou, _ = predictor.predict_torch(
             point_coords=None, point_labels=None, boxes=box_tensor, multimask_output=True
         )
         chosen = masks[torch.arange(len(masks)), iou.argmax(-1)]
@@ -347,15 +363,25 @@ class GroundingDinoSamGrounder:
 
     # -- models
 
-    def load(self):
-        """Load Grounding DINO and its processor (done lazily by ``ground``)."""
-        if self._model is None:
-            from transformers import AutoProcessor, GroundingDinoForObjectDetection
+    @lazy_model
+    def model(self):
+        """Grounding DINO (``GroundingDinoForObjectDetection``, loaded on first use)."""
+        from transformers import GroundingDinoForObjectDetection
 
-            self._processor = AutoProcessor.from_pretrained(self.detector_name)
-            model = GroundingDinoForObjectDetection.from_pretrained(self.detector_name)
-            self._model = model.to(self.device, self.dtype).eval()
-        return self._model, self._processor
+        model = GroundingDinoForObjectDetection.from_pretrained(self.detector_name)
+        return model.to(self.device, self.dtype).eval()
+
+    @lazy_model
+    def processor(self):
+        """Grounding DINO's processor (loaded on first use)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.detector_name)
+
+    def load(self):
+        """Load Grounding DINO and its processor (done lazily by ``ground``); returns ``(model, processor)``."""
+        processor = self.processor
+        return self.model, processor
 
     def to(self, device=None, dtype=None):
         """Move the (loaded or future) models; returns self."""

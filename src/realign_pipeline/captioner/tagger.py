@@ -34,6 +34,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..lazy import lazy_model
 from ..scoring.clip import DEFAULT_CLIP_MODEL, ClipScorer
 
 __all__ = [
@@ -409,13 +410,13 @@ class RamTagger:
         self.prompt_objects = prompt_objects or no_prompt_objects
         self._model = None
 
-    @property
+    @lazy_model
     def model(self):
-        if self._model is None:
-            build = getattr(self._ram_models, self.variant)
-            self._model = build(pretrained=self.checkpoint, image_size=self.image_size, vit=self.vit)
-            self._model.eval().to(self.device)
-        return self._model
+        """The RAM / RAM++ model on the checkpoint (loaded on first use)."""
+        build = getattr(self._ram_models, self.variant)
+        model = build(pretrained=self.checkpoint, image_size=self.image_size, vit=self.vit)
+        model.eval().to(self.device)
+        return model
 
     def _transform(self, image: PIL.Image.Image) -> torch.Tensor:
         # RAM's own transform: resize to a square, [0, 1], ImageNet mean/std.

@@ -28,6 +28,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..lazy import lazy_model
 from ..rewards.blip import DEFAULT_BLIP_ITM_MODEL, BlipItmReward
 from ..rewards.caption import DEFAULT_CAPTIONER, DEFAULT_TEXT_ENCODER, CaptionReward
 from ..scoring.clip import DEFAULT_CLIP_MODEL, ClipScorer
@@ -229,13 +230,10 @@ class BlipItmScore(Metric):
     ):
         return cls(BlipItmReward(str(id_or_path), head="itm", device=device, dtype=dtype))
 
-    @property
+    @lazy_model
     def itc(self) -> BlipItmReward:
-        if self._itc is None:  # the same model and processor, the other head
-            self._itc = BlipItmReward(
-                self.itm.model_id, head="itc", retrieval_model=self.itm.model, processor=self.itm.processor
-            )
-        return self._itc
+        """The ITC head on the ITM reward's model and processor (built on first access)."""
+        return BlipItmReward(self.itm.model_id, head="itc", retrieval_model=self.itm.model, processor=self.itm.processor)
 
     def model_info(self) -> dict[str, Any]:
         return {"model": self.itm.model_id}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..lazy import lazy_model
 from .base import check_batch, pixel_values_for
 
 __all__ = ["DEFAULT_BLIP_ITM_MODEL", "BlipItmReward"]
@@ -45,30 +46,28 @@ class BlipItmReward:
         self._model = retrieval_model
         self._processor = processor
         if retrieval_model is not None:
-            self._prepare()
+            self._prepare(retrieval_model)
 
-    def _prepare(self) -> None:
-        self._model.eval()
-        self._model.requires_grad_(False)
+    def _prepare(self, model: Any) -> Any:
+        model.eval()
+        model.requires_grad_(False)
         if self._device is not None or self._dtype is not None:
-            self._model.to(device=self._device, dtype=self._dtype)
+            model.to(device=self._device, dtype=self._dtype)
+        return model
 
-    @property
+    @lazy_model
     def model(self):
-        if self._model is None:
-            from transformers import Blip2ForImageTextRetrieval
+        """The ``Blip2ForImageTextRetrieval`` (loaded on first access)."""
+        from transformers import Blip2ForImageTextRetrieval
 
-            self._model = Blip2ForImageTextRetrieval.from_pretrained(self.model_id)
-            self._prepare()
-        return self._model
+        return self._prepare(Blip2ForImageTextRetrieval.from_pretrained(self.model_id))
 
-    @property
+    @lazy_model
     def processor(self):
-        if self._processor is None:
-            from transformers import Blip2Processor
+        """The ``Blip2Processor`` (loaded on first access)."""
+        from transformers import Blip2Processor
 
-            self._processor = Blip2Processor.from_pretrained(self.model_id)
-        return self._processor
+        return Blip2Processor.from_pretrained(self.model_id)
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> BlipItmReward:
         if device is not None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..lazy import lazy_model
 from .base import check_batch, pixel_values_for
 
 __all__ = ["DEFAULT_CAPTIONER", "DEFAULT_TEXT_ENCODER", "OBJECTIVES", "CaptionReward", "normalize_caption"]
@@ -114,49 +115,49 @@ class CaptionReward:
                 self._prepare(m)
 
     # --- loading -------------------------------------------------------------------------------------
-    def _prepare(self, model: Any) -> None:
+    def _prepare(self, model: Any) -> Any:
         model.eval()
         model.requires_grad_(False)
         if self._device is not None or self._dtype is not None:
             model.to(device=self._device, dtype=self._dtype)
+        return model
+
+    @lazy_model(attr="_cap_model")
+    def _blip2_captioner(self):
+        from transformers import Blip2ForConditionalGeneration
+
+        return self._prepare(Blip2ForConditionalGeneration.from_pretrained(self.captioner_id))
 
     @property
     def captioner_model(self):
-        if self._cap_model is None:
-            from transformers import Blip2ForConditionalGeneration
-
-            self._cap_model = Blip2ForConditionalGeneration.from_pretrained(self.captioner_id)
-            self._prepare(self._cap_model)
-        if not self._cap_model.config.use_decoder_only_language_model:
+        """The BLIP-2 captioner (loaded on first access); its language model must be decoder-only (OPT)."""
+        model = self._blip2_captioner
+        if not model.config.use_decoder_only_language_model:
             raise NotImplementedError("CaptionReward supports BLIP-2 captioners with a decoder-only LM (OPT)")
-        return self._cap_model
+        return model
 
-    @property
+    @lazy_model(attr="_cap_processor")
     def captioner_processor(self):
-        if self._cap_processor is None:
-            from transformers import Blip2Processor
+        """The captioner's ``Blip2Processor`` (loaded on first access)."""
+        from transformers import Blip2Processor
 
-            self._cap_processor = Blip2Processor.from_pretrained(self.captioner_id)
-        return self._cap_processor
+        return Blip2Processor.from_pretrained(self.captioner_id)
 
-    @property
+    @lazy_model
     def text_model(self):
-        if self._text_model is None:
-            from transformers import Blip2Config, Blip2TextModelWithProjection
+        """The ``Blip2TextModelWithProjection`` text encoder (loaded on first access)."""
+        from transformers import Blip2Config, Blip2TextModelWithProjection
 
-            config = Blip2Config.from_pretrained(self.text_encoder_id)
-            config.qformer_config.use_qformer_text_input = True
-            self._text_model = Blip2TextModelWithProjection.from_pretrained(self.text_encoder_id, config=config)
-            self._prepare(self._text_model)
-        return self._text_model
+        config = Blip2Config.from_pretrained(self.text_encoder_id)
+        config.qformer_config.use_qformer_text_input = True
+        return self._prepare(Blip2TextModelWithProjection.from_pretrained(self.text_encoder_id, config=config))
 
-    @property
+    @lazy_model
     def text_tokenizer(self):
-        if self._text_tokenizer is None:
-            from transformers import AutoTokenizer
+        """The text encoder's tokenizer (loaded on first access)."""
+        from transformers import AutoTokenizer
 
-            self._text_tokenizer = AutoTokenizer.from_pretrained(self.text_encoder_id)
-        return self._text_tokenizer
+        return AutoTokenizer.from_pretrained(self.text_encoder_id)
 
     def load(self) -> CaptionReward:
         _ = self.captioner_model, self.captioner_processor, self.text_model, self.text_tokenizer

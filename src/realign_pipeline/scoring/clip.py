@@ -31,6 +31,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..lazy import lazy_model
+
 __all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "clip_preprocess_tensor", "cosine_similarity"]
 
 #: The default CLIP checkpoint, ViT-L/14 (ViT-B/32 is ``openai/clip-vit-base-patch32``).
@@ -197,7 +199,7 @@ class ClipScorer:
         self.image_batch_size = int(image_batch_size)
         self._from_pretrained_kwargs = from_pretrained_kwargs
         if model is not None:
-            self._prepare_model()
+            self._prepare(model)
 
     @classmethod
     def from_pretrained(
@@ -211,31 +213,26 @@ class ClipScorer:
         return cls(model_id_or_path, device=device, dtype=dtype, **kwargs)
 
     # --- loading -------------------------------------------------------------------------------------
-    def _prepare_model(self) -> None:
-        model = self._model
+    def _prepare(self, model: Any) -> Any:
         model.eval()
         model.requires_grad_(False)
         if self._device is not None or self._dtype is not None:
             model.to(device=self._device, dtype=self._dtype)
+        return model
 
-    @property
+    @lazy_model
     def model(self):
         """The ``CLIPModel`` (loaded on first access)."""
-        if self._model is None:
-            from transformers import CLIPModel
+        from transformers import CLIPModel
 
-            self._model = CLIPModel.from_pretrained(self.model_id_or_path, **self._from_pretrained_kwargs)
-            self._prepare_model()
-        return self._model
+        return self._prepare(CLIPModel.from_pretrained(self.model_id_or_path, **self._from_pretrained_kwargs))
 
-    @property
+    @lazy_model
     def processor(self):
         """The ``CLIPProcessor`` (loaded on first access)."""
-        if self._processor is None:
-            from transformers import CLIPProcessor
+        from transformers import CLIPProcessor
 
-            self._processor = CLIPProcessor.from_pretrained(self.model_id_or_path)
-        return self._processor
+        return CLIPProcessor.from_pretrained(self.model_id_or_path)
 
     @property
     def is_loaded(self) -> bool:
