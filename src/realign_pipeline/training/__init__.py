@@ -1,6 +1,8 @@
 """Building blocks of ReFL fine-tuning (``training/train_refl.py``): the step math and the data readers.
 
 :mod:`realign_pipeline.training.refl` holds the method (rollout, gradient step, x0, hinge, ``L_pre``, Eq. 5),
-free of accelerate and argparse; :mod:`realign_pipeline.training.data` reads the reward prompts and the
-image-caption pairs with a resumable position.
+free of accelerate and argparse; :mod:`realign_pipeline.training.draft` the DRaFT modes (the reward's gradient
+through the last K denoising steps, the full chain, DRaFT-LV, per-step checkpointing);
+:mod:`realign_pipeline.training.data` reads the reward prompts and the image-caption pairs with a resumable
+position.
 """

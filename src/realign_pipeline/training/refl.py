@@ -3,6 +3,7 @@
 ``training/train_refl.py`` is the glue; everything a reviewer needs to check the method is here, in small
 functions a test can call on tiny models:
 
+- :func:`guided_model_output` -- one UNet call, with classifier-free guidance when it is on;
 - :func:`predict_x0` -- x0 straight from one UNet output (epsilon, v-prediction or sample);
 - :func:`refl_latents` -- the no-grad rollout to the drawn step index, then ONE UNet call with gradient at
   the scheduler's timestep ``timesteps[i]``, as ImageReward's public ReFL.py does since its July 2023 "fix typo
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 __all__ = [
     "ReflOutputs",
     "draw_grad_step",
+    "guided_model_output",
     "hinge_reward_loss",
     "predict_x0",
     "pretrain_loss",
@@ -68,6 +70,31 @@ def draw_grad_step(
     return int(torch.randint(lo, hi, (1,), generator=generator).item())
 
 
+def guided_model_output(
+    unet: Callable,
+    model_input: torch.Tensor,
+    timestep: Any,
+    encoder_hidden_states: torch.Tensor,
+    guidance_scale: float | None = None,
+    negative_hidden_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One UNet call on an already scaled input, with classifier-free guidance when it is on.
+
+    Guidance is on when ``guidance_scale > 1`` and ``negative_hidden_states`` is given: one call on the
+    doubled batch ``[negative, cond]``, then ``uncond + guidance_scale * (cond - uncond)``. Otherwise the
+    conditional call alone. Differentiable when called with gradient.
+    """
+    if guidance_scale is not None and guidance_scale > 1 and negative_hidden_states is not None:
+        out = unet(
+            torch.cat([model_input, model_input]),
+            timestep,
+            encoder_hidden_states=torch.cat([negative_hidden_states, encoder_hidden_states]),
+        ).sample
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+    return unet(model_input, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
 @dataclass
 class ReflOutputs:
     x0: torch.Tensor  # predicted clean latents, with gradient
@@ -97,21 +124,13 @@ def refl_latents(
     if not 0 <= grad_step < len(timesteps):
         raise ValueError(f"grad_step {grad_step} outside 0..{len(timesteps) - 1}")
     latents = latents * scheduler.init_noise_sigma
-    cfg = guidance_scale is not None and guidance_scale > 1 and negative_hidden_states is not None
     with torch.no_grad():
         for i in range(grad_step):
             t = timesteps[i]
             inp = scheduler.scale_model_input(latents, t)
-            if cfg:
-                out = unet(
-                    torch.cat([inp, inp]),
-                    t,
-                    encoder_hidden_states=torch.cat([negative_hidden_states, encoder_hidden_states]),
-                ).sample
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            else:
-                out = unet(inp, t, encoder_hidden_states=encoder_hidden_states).sample
+            out = guided_model_output(
+                unet, inp, t, encoder_hidden_states, guidance_scale, negative_hidden_states
+            )
             latents = scheduler.step(out, t, latents).prev_sample
     latents = latents.detach()
     t = timesteps[grad_step]
