@@ -8,6 +8,12 @@ image-caption pairs::
 
     loss = reward_weight * relu(reward_margin - objective).mean() + pretrain_loss_weight * L_pre   (Eq. 5)
 
+Beside ReFL (the default), ``--backprop_steps K`` takes the reward's gradient the DRaFT way (Clark et al.,
+ICLR 2024): sample without gradient to step T-K, run the last K steps with gradient, decode the chain's final
+latents and back-propagate the reward through all K steps; K = T is the full chain (DRaFT / AlignProp),
+``--checkpoint_denoising_steps`` recomputes each step's UNet call in the backward pass, and
+``--backprop_steps 1 --draft_lv_samples N`` is DRaFT-LV. The math is in ``realign_pipeline.training.draft``.
+
 Flags and habits follow diffusers' ``examples/text_to_image/train_text_to_image_lora.py``. The step math
 lives in ``realign_pipeline.training.refl``; the data readers in ``realign_pipeline.training.data``. See
 ``docs/training.md``.
@@ -35,6 +41,7 @@ import torch
 from accelerate.logging import get_logger
 
 from realign_pipeline.training.data import DataError, RowStream, load_pairs, load_prompts, open_image
+from realign_pipeline.training.draft import draft_latents
 from realign_pipeline.training.refl import (
     decode,
     draw_grad_step,
@@ -100,15 +107,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grad_step_range",
         type=int,
         nargs=2,
-        default=[30, 50],
+        default=None,
         metavar=("LO", "HI"),
-        help="Step index (out of T) at which the gradient is taken, uniform on [LO, HI).",
+        help="ReFL: step index (out of T) at which the gradient is taken, uniform on [LO, HI) (default 30 50). "
+        "Not with --backprop_steps, whose gradient steps are the last K.",
+    )
+    p.add_argument(
+        "--backprop_steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="DRaFT-K: sample without gradient to step T-K, then back-propagate the reward of the final image "
+        "through the last K denoising steps; K = --num_inference_steps is the full chain (DRaFT / AlignProp). "
+        "Default (or 0): ReFL.",
+    )
+    p.add_argument(
+        "--checkpoint_denoising_steps",
+        action="store_true",
+        help="With --backprop_steps: recompute each gradient step's UNet call in the backward pass "
+        "(torch.utils.checkpoint per denoising step), so memory grows by a few latents per step instead of the "
+        "UNet's activations per step. Independent of --gradient_checkpointing (inside the UNet).",
+    )
+    p.add_argument(
+        "--draft_lv_samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DRaFT-LV (with --backprop_steps 1): the whole chain without gradient, then N re-noisings of the "
+        "final sample to the last timestep, each denoised by one step with gradient; the N rewards are averaged "
+        "(the paper uses 2). Default 0: off.",
     )
     p.add_argument(
         "--rollout_guidance_scale",
         type=float,
         default=None,
-        help="Classifier-free guidance in the no-grad rollout (default: off, as ImageReward).",
+        help="Classifier-free guidance (default: off, as ImageReward). ReFL: in the no-grad rollout only; "
+        "--backprop_steps: at every step of the chain, those with gradient included.",
     )
     p.add_argument(
         "--pretrain_loss_weight", type=float, default=1.0, help="Weight of L_pre (0 allowed, warned)."
@@ -188,11 +222,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
-    lo, hi = args.grad_step_range
-    if not 0 <= lo < hi <= args.num_inference_steps:
-        p.error(
-            f"--grad_step_range {lo} {hi} must satisfy 0 <= LO < HI <= --num_inference_steps ({args.num_inference_steps})"
-        )
+    if args.num_inference_steps < 1:
+        p.error("--num_inference_steps must be >= 1")
+    if args.backprop_steps is not None and args.backprop_steps < 0:
+        p.error("--backprop_steps must be >= 1 (or 0 for ReFL)")
+    args.backprop_steps = args.backprop_steps or None  # 0 means ReFL, like the default
+    if args.backprop_steps is None:
+        if args.checkpoint_denoising_steps:
+            p.error(
+                "--checkpoint_denoising_steps needs --backprop_steps (ReFL has one UNet call with gradient; "
+                "--gradient_checkpointing checkpoints inside it)"
+            )
+        if args.draft_lv_samples:
+            p.error("--draft_lv_samples needs --backprop_steps 1")
+        if args.grad_step_range is None:
+            args.grad_step_range = [30, 50]
+        lo, hi = args.grad_step_range
+        if not 0 <= lo < hi <= args.num_inference_steps:
+            p.error(
+                f"--grad_step_range {lo} {hi} must satisfy 0 <= LO < HI <= --num_inference_steps ({args.num_inference_steps})"
+            )
+    else:
+        if args.grad_step_range is not None:
+            p.error(
+                "--grad_step_range is ReFL's random gradient step; with --backprop_steps K the gradient goes "
+                "through the last K steps: give one or the other"
+            )
+        if args.backprop_steps > args.num_inference_steps:
+            p.error(
+                f"--backprop_steps {args.backprop_steps} is more than --num_inference_steps "
+                f"({args.num_inference_steps}); K = T is the full chain"
+            )
+        if args.draft_lv_samples < 0 or (args.draft_lv_samples and args.backprop_steps != 1):
+            p.error(
+                "--draft_lv_samples N needs N >= 1 and --backprop_steps 1 (DRaFT-LV is a K = 1 estimator)"
+            )
     if args.prompts_file and args.prompts_dataset:
         p.error("give --prompts_file or --prompts_dataset, not both")
     if args.train_data_dir and args.dataset_name:
@@ -301,9 +365,23 @@ def _pair_loader(row: Any):
     return image, caption.strip()
 
 
+def training_mode(args: argparse.Namespace) -> str:
+    """The reward-gradient mode in words, for the log, ``train_stats.json`` and the model card."""
+    t = args.num_inference_steps
+    if not args.backprop_steps:
+        lo, hi = args.grad_step_range
+        return f"ReFL (one gradient step drawn from [{lo}, {hi}) of T={t}, x0 predicted at that step)"
+    ckpt = ", each step checkpointed" if args.checkpoint_denoising_steps else ""
+    if args.draft_lv_samples:
+        return f"DRaFT-LV (n={args.draft_lv_samples} re-noisings of the final sample, T={t}{ckpt})"
+    if args.backprop_steps == t:
+        return f"DRaFT full chain (gradient through all T={t} steps{ckpt})"
+    return f"DRaFT-K (gradient through the last K={args.backprop_steps} of T={t} steps{ckpt})"
+
+
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """All randomness of one micro-step (noise, drawn step, L_pre timesteps) from (seed, step, rank): a resumed
-    run draws exactly what the uninterrupted run drew."""
+    """All randomness of one micro-step (noise, drawn step, DRaFT-LV's re-noising, L_pre timesteps) from (seed,
+    step, rank): a resumed run draws exactly what the uninterrupted run drew."""
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1009 + rank)
 
 
@@ -441,6 +519,9 @@ MODEL_CARD_SETTINGS = (
     "reward_margin",
     "num_inference_steps",
     "grad_step_range",
+    "backprop_steps",
+    "checkpoint_denoising_steps",
+    "draft_lv_samples",
     "rollout_guidance_scale",
     "pretrain_loss_weight",
     "prompts_file",
@@ -472,11 +553,14 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         if args.use_lora
         else "full UNet fine-tuning" + (" + EMA" if args.use_ema else "")
     )
+    method = "ReFL" if not args.backprop_steps else "DRaFT"
     lines = [
-        f"# ReFL fine-tune of {base} ({kind})",
+        f"# {method} fine-tune of {base} ({kind})",
         "",
         "Trained with `training/train_refl.py` of realign-pipeline (RealignDiff coarse stage, Eq. 5):",
         "`loss = reward_weight * relu(reward_margin - objective) + pretrain_loss_weight * L_pre`.",
+        "",
+        f"Reward gradient: {training_mode(args)}.",
         "",
         "| setting | value |",
         "|---|---|",
@@ -506,7 +590,7 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description="\n".join(lines),
     )
-    tags = ["stable-diffusion", "text-to-image", "diffusers", "realigndiff", "refl"]
+    tags = ["stable-diffusion", "text-to-image", "diffusers", "realigndiff", method.lower()]
     card = populate_model_card(card, tags=tags + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
 
@@ -768,9 +852,8 @@ def main(
     # ---- training loop
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info(
-        f"ReFL: {len(prompts)} prompts, {len(pairs) if pairs is not None else 0} pairs, effective batch "
-        f"{total_batch}, steps {global_step}->{args.max_train_steps}, T={args.num_inference_steps}, "
-        f"grad step in [{args.grad_step_range[0]}, {args.grad_step_range[1]})"
+        f"{training_mode(args)}: {len(prompts)} prompts, {len(pairs) if pairs is not None else 0} pairs, "
+        f"effective batch {total_batch}, steps {global_step}->{args.max_train_steps}"
     )
     losses: list[dict] = []
     unet.train()
@@ -782,24 +865,48 @@ def main(
             micro_step += 1
             batch_prompts = prompt_stream.next_batch(args.train_batch_size)
             cond = encode(batch_prompts)
-            # ReFL pass (Eq. 5 first term)
-            i = draw_grad_step(args.grad_step_range, args.num_inference_steps, gen)
+            # ReFL pass, or DRaFT's chain (Eq. 5 first term)
+            i = (
+                None
+                if args.backprop_steps
+                else draw_grad_step(args.grad_step_range, args.num_inference_steps, gen)
+            )
             noise = torch.randn(
                 (len(batch_prompts), unwrapped_unet().config.in_channels, latent_hw, latent_hw), generator=gen
             ).to(accelerator.device, weight_dtype)
+            negative_batch = None if negative is None else negative.expand_as(cond)
+            reward_prompts = batch_prompts
             with accelerator.autocast():
-                out = refl_latents(
-                    unet,
-                    rollout_scheduler,
-                    noise,
-                    cond,
-                    args.num_inference_steps,
-                    i,
-                    guidance_scale=args.rollout_guidance_scale,
-                    negative_hidden_states=None if negative is None else negative.expand_as(cond),
-                )
+                if args.backprop_steps:
+                    out = draft_latents(
+                        unet,
+                        rollout_scheduler,
+                        noise,
+                        cond,
+                        args.num_inference_steps,
+                        args.backprop_steps,
+                        guidance_scale=args.rollout_guidance_scale,
+                        negative_hidden_states=negative_batch,
+                        checkpoint=args.checkpoint_denoising_steps,
+                        lv_samples=args.draft_lv_samples,
+                        generator=gen,
+                    )
+                    grad_step, grad_timestep = out.first_grad_step, out.timestep
+                    reward_prompts = batch_prompts * max(1, args.draft_lv_samples)  # x0's rows, sample-major
+                else:
+                    out = refl_latents(
+                        unet,
+                        rollout_scheduler,
+                        noise,
+                        cond,
+                        args.num_inference_steps,
+                        i,
+                        guidance_scale=args.rollout_guidance_scale,
+                        negative_hidden_states=negative_batch,
+                    )
+                    grad_step, grad_timestep = out.grad_step, out.timestep
                 pixels = decode(vae, out.x0.to(weight_dtype))
-                objective = reward.objective(pixels, batch_prompts)
+                objective = reward.objective(pixels, reward_prompts)
                 loss_refl = hinge_reward_loss(objective, args.reward_margin, args.reward_weight)
                 loss_pre = None
                 if pair_stream is not None and args.pretrain_loss_weight > 0:
@@ -843,8 +950,8 @@ def main(
                 "loss_refl": float(loss_refl.detach()),
                 "loss_pre": float(loss_pre.detach()) if loss_pre is not None else 0.0,
                 "objective": float(objective.detach().float().mean()),
-                "grad_step_index": out.grad_step,
-                "grad_timestep": out.timestep,
+                "grad_step_index": grad_step,
+                "grad_timestep": grad_timestep,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "skipped_nonfinite": skipped_nonfinite,
                 "skipped_rows": prompt_stream.skipped + (pair_stream.skipped if pair_stream else 0),
@@ -877,6 +984,7 @@ def main(
         "skipped_nonfinite": skipped_nonfinite,
         "skipped_rows": prompt_stream.skipped + (pair_stream.skipped if pair_stream else 0),
         "effective_batch": total_batch,
+        "mode": training_mode(args),
         "losses": losses,
     }
     if accelerator.is_main_process:
