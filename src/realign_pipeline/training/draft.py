@@ -20,8 +20,8 @@ activations, so what is held for the backward grows by the call's inputs and out
 not by the UNet's activations per step. ``scheduler.scale_model_input`` and ``scheduler.step`` stay outside
 the checkpoint, because schedulers with a step counter (Euler, DPM-Solver) must see each step once.
 
-Any diffusers scheduler with a deterministic ``step`` works (DDIM with eta 0, as the script loads, Euler,
-DPM-Solver multistep...); stochastic ones (DDPM, ancestral samplers, DDIM with eta > 0) are not supported.
+Any diffusers scheduler with a deterministic ``step`` should work (tested: DDIM with eta 0, which the script
+loads, and Euler); stochastic ones (DDPM, ancestral samplers, DDIM with eta > 0) are not supported.
 """
 
 from __future__ import annotations
