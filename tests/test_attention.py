@@ -232,6 +232,42 @@ def test_processor_without_modulation_or_recording_is_bitwise_sdpa():
     assert torch.equal(ours, reference)
 
 
+def test_modulated_downsampling_names_the_grids_that_modulate():
+    def state(factors):
+        return RealignAttentionState(latent_height=12, latent_width=12, num_images=1, do_classifier_free_guidance=True,
+                                     sequence_length=7, modulated_downsampling=factors)
+
+    assert [state(None).modulates_grid(q) for q in (144, 36, 9)] == [True, True, True]
+    assert [state((1,)).modulates_grid(q) for q in (144, 36, 9)] == [True, False, False]
+    assert [state((2, 4)).modulates_grid(q) for q in (144, 36, 9)] == [False, True, True]
+    with pytest.raises(RuntimeError, match="matches no UNet level"):
+        state((1,)).modulates_grid(50)
+
+
+def test_a_grid_left_out_of_modulated_downsampling_stays_bitwise_sdpa():
+    attn, hidden, context = _attention_inputs("cross", torch.Generator().manual_seed(4))  # a 4x6 grid of queries
+    layout = Layout([Region("red", box=[0.0, 0.0, 0.5, 1.0])])
+    resolved = resolve_layout(layout, "a red thing", clip_tokenizer())
+
+    def call(processor_state):
+        processor_state.set_step(0, 981, num_steps=50)
+        attn.set_processor(RealignAttnProcessor(processor_state))
+        with torch.no_grad():
+            return attn(hidden, encoder_hidden_states=context)
+
+    def state(factors, layouts=(resolved,)):
+        return RealignAttentionState(latent_height=8, latent_width=12, num_images=1, do_classifier_free_guidance=True,
+                                     sequence_length=7, layouts=list(layouts), modulated_downsampling=factors)
+
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        reference = attn(hidden, encoder_hidden_states=context)
+    # the 4x6 grid is the 8x12 latents' grid downsampled twice
+    assert torch.equal(call(state((1,))), reference)
+    assert not torch.allclose(call(state((2,))), reference, atol=1e-4)
+    assert torch.equal(call(state((2,))), call(state(None)))
+
+
 def _first_cross_attention(unet) -> Attention:
     return next(m for n, m in unet.named_modules() if n.endswith("attn2"))
 

@@ -189,3 +189,15 @@ def test_a_region_is_judged_by_the_object_under_its_mask(fine_stage_rates):
     audit = fine_stage_diagnosis.region_audit(Layout([Region("blue circle", mask=right)]), image, objects)
     assert [r["on_target"] for r in audit["regions"]] == [False] and not audit["complete"]
     assert fine_stage_diagnosis.phrase_object("the purple cross") == {"color": "purple", "shape": "cross"}
+
+
+def test_the_tuning_split_is_training_prompts_only(fine_stage_rates):
+    from realign_pipeline.shapes import triples
+    from realign_pipeline.shapes.world import held_out_prompts
+
+    held_out = {r["prompt"] for r in held_out_prompts()} | {r["prompt"] for r in triples.held_out_triple_prompts()}
+    for kind in ("pairs", "triples"):
+        records = fine_stage_rates.split_records("tuning", kind)
+        assert len(records) == fine_stage_rates.TUNING_PROMPTS == len({r["prompt"] for r in records})
+        assert not {r["prompt"] for r in records} & held_out
+        assert records == fine_stage_rates.split_records("tuning", kind)  # seeded: the same draw every time

@@ -238,11 +238,13 @@ class RealignAttentionState:
     timestep_power: float = 5.0
     modulation_fraction: float = 0.3
     suppress_unclaimed_tokens: bool = False
+    modulated_downsampling: tuple[int, ...] | None = None
     record_attention_maps: bool = False
     step_index: int = 0
     l_t: float = 0.0
     modulating: bool = False
     _grid: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _downsampling: dict[int, int] = field(default_factory=dict, repr=False)
     _cross_cache: dict = field(default_factory=dict, repr=False)
     _self_cache: dict = field(default_factory=dict, repr=False)
     _map_sum: torch.Tensor | None = field(default=None, repr=False)
@@ -250,6 +252,7 @@ class RealignAttentionState:
 
     def __post_init__(self) -> None:
         self._grid = attention_grid_sizes(self.latent_height, self.latent_width)
+        self._downsampling = {num_queries: 2**level for level, num_queries in enumerate(self._grid)}
         if self.layouts is not None and len(self.layouts) != self.num_images:
             raise ValueError(f"{len(self.layouts)} layouts for {self.num_images} images.")
 
@@ -264,6 +267,14 @@ class RealignAttentionState:
         self.step_index = step_index
         self.l_t = timestep_strength(timestep, num_train_timesteps, self.timestep_power)
         self.modulating = self.has_layout and step_index < self.modulation_fraction * num_steps
+
+    def modulates_grid(self, num_queries: int) -> bool:
+        """Whether the attention grid of `num_queries` queries is one that `modulated_downsampling` names (all
+        grids when it is None)."""
+        if self.modulated_downsampling is None:
+            return True
+        self.grid_size(num_queries)  # a clear error for a grid of no UNet level
+        return self._downsampling[num_queries] in self.modulated_downsampling
 
     def grid_size(self, num_queries: int) -> tuple[int, int]:
         try:
@@ -434,7 +445,7 @@ class RealignAttnProcessor:
             key = attn.norm_k(key)
 
         strength = state.cross_attention_strength if is_cross else state.self_attention_strength
-        modulate = state.modulating and strength != 0 and state.l_t != 0
+        modulate = state.modulating and strength != 0 and state.l_t != 0 and state.modulates_grid(query.shape[-2])
         record = is_cross and state.record_attention_maps
         if modulate or record:
             hidden_states = self._explicit_attention(

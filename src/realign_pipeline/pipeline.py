@@ -245,6 +245,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         timestep_power: float = 5.0,
         size_weight: float = 1.0,
         realign: bool = False,
+        modulated_downsampling: Sequence[int] | None = None,
     ) -> None:
         """``StableDiffusionPipeline.check_inputs``, then the layout, modulation and ``realign`` arguments."""
         super().check_inputs(
@@ -271,6 +272,16 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
         if modulation_fraction > 1:
             raise ValueError(f"`modulation_fraction` is a fraction of the steps in [0, 1], got {modulation_fraction}.")
+        if modulated_downsampling is not None:
+            # the UNet's attention grids: the latents' own, then halved once per down block after the first
+            grids = [2**level for level in range(len(self.unet.config.block_out_channels))]
+            factors = list(modulated_downsampling) if isinstance(modulated_downsampling, (list, tuple)) else None
+            if not factors or any(isinstance(f, bool) or f not in grids for f in factors):
+                raise ValueError(
+                    f"`modulated_downsampling` lists attention grids by their downsampling from the latents, some of "
+                    f"{grids} for this UNet, got {modulated_downsampling!r}; None modulates every grid (to switch the "
+                    "modulation off, set cross_attention_strength=0)."
+                )
 
         if realign:
             if self.dense_captioner is None:
@@ -591,6 +602,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
         timestep_power: float = 5.0,
         size_weight: float = 1.0,
         suppress_unclaimed_tokens: bool = False,
+        modulated_downsampling: Sequence[int] | None = None,
         replace_phrase_embeddings: bool = False,
         strict_layout: bool = False,
         return_attention_maps: bool = False,
@@ -621,6 +633,11 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 Inside each region, also push down the tokens no region claims (start, end, padding, "a",
                 "and"), as DenseDiffusion does; Eq. 8 as written leaves them alone. Regions of score 0 still
                 change nothing.
+            modulated_downsampling (`list[int]`, *optional*):
+                Modulate only the attention grids downsampled this many times from the latents: 1 is the
+                latents' own grid (64x64 for SD at 512 px), 2 half of it, 4 a quarter... Default: every grid, as
+                DenseDiffusion does. With small objects the coarse grids put several regions in one cell, and
+                pulling there recolours or erases objects the layout should keep (docs/shapes.md).
             replace_phrase_embeddings (`bool`, defaults to False):
                 DenseDiffusion's trick: each phrase's tokens take the embeddings of the phrase encoded alone.
             strict_layout (`bool`, defaults to False):
@@ -698,6 +715,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
             timestep_power=timestep_power,
             size_weight=size_weight,
             realign=realign,
+            modulated_downsampling=modulated_downsampling,
         )
         if realign:
             # every argument of one generation pass; the passes call __call__ again with realign=False
@@ -732,6 +750,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 "timestep_power": timestep_power,
                 "size_weight": size_weight,
                 "suppress_unclaimed_tokens": suppress_unclaimed_tokens,
+                "modulated_downsampling": modulated_downsampling,
                 "replace_phrase_embeddings": replace_phrase_embeddings,
                 "strict_layout": strict_layout,
                 "return_attention_maps": return_attention_maps,
@@ -845,6 +864,7 @@ class RealignDiffPipeline(StableDiffusionPipeline):
                 timestep_power=timestep_power,
                 modulation_fraction=modulation_fraction,
                 suppress_unclaimed_tokens=suppress_unclaimed_tokens,
+                modulated_downsampling=None if modulated_downsampling is None else tuple(modulated_downsampling),
                 record_attention_maps=return_attention_maps,
             )
 

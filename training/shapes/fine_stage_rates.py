@@ -30,12 +30,19 @@ The protocol, fixed before any result was seen:
   pairing) in all four forms, **seed 0 only** (480 prompts already; the CPU budget), half B the triples whose
   held-out pairings all lie in half B; ``hard``: the held-out "and" prompts selected on seeds 0-9 as above,
   scored on seeds 100-109. Bootstraps cluster by triple.
+- ``tuning``: where fine-stage settings are chosen, never the held-out prompts: a seeded subset of 96 training
+  prompts (pairings or triples), seeds 0-1 (``fine_stage_diagnosis.py``'s images).
+- The three-object world's fine-stage setting (after the diagnosis found the breaks on the 6x6 and 3x3 grids):
+  ``modulated_downsampling [1]`` with cross-attention strength 1, 2 or 4, each on ``tuning`` with its placebo;
+  chosen: the highest fix rate minus the placebo's among settings whose binding and presence break rates are
+  under 3% (ties: the lower strength); then ``held-out`` and ``half-b`` once with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,9 +54,17 @@ from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write
 from realign_pipeline import Layout, Region
 from realign_pipeline.shapes import triples
 from realign_pipeline.shapes.checker import check_prompt
-from realign_pipeline.shapes.world import held_out_halves, held_out_prompts, pairing_prompts
+from realign_pipeline.shapes.world import (
+    held_out_halves,
+    held_out_prompts,
+    pairing_prompts,
+    training_pairing_prompts,
+)
 
-SPLITS = ("half-b", "held-out", "hard")
+SPLITS = ("half-b", "held-out", "hard", "tuning")
+#: The tuning split: a seeded subset of this many training prompts (the diagnosis's), seeds 0-1.
+TUNING_PROMPTS = 96
+TUNING_SEEDS = [0, 1]
 EVALUATION_SEEDS = [0, 1, 2]
 TRIPLE_EVALUATION_SEEDS = [0]
 SELECTION_SEEDS = list(range(10))
@@ -144,6 +159,9 @@ def rates(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def split_records(split: str, scene_kind: str = "pairs") -> list[dict[str, Any]]:
+    if split == "tuning":
+        pool = triples.training_triple_prompts() if scene_kind == "triples" else training_pairing_prompts()
+        return random.Random(0).sample(pool, min(TUNING_PROMPTS, len(pool)))
     if scene_kind == "triples":
         if split == "half-b":
             return triples.triple_prompts(triples.triple_halves()[1])
@@ -218,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             records, split_seeds = selected, hard_seeds
         else:
             records, split_seeds = (records[:limit] if limit else records), seeds
+            if split == "tuning" and not args.quick:
+                split_seeds = TUNING_SEEDS
         held_out = result["splits"].get("held-out")
         prompts = {r["prompt"] for r in records}
         if (split == "half-b" and held_out is not None and held_out["seeds"] == split_seeds

@@ -59,6 +59,7 @@ REALIGN_KWARGS = (
     "timestep_power",
     "size_weight",
     "suppress_unclaimed_tokens",
+    "modulated_downsampling",
     "replace_phrase_embeddings",
     "strict_layout",
 )
