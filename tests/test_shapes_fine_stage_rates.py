@@ -160,6 +160,8 @@ def test_the_diagnosis_controls_hold_and_its_counts_add_up(fine_stage_rates, tmp
     for entry in variants.values():
         broken = entry["binding"]["broken"]
         assert entry["broken binding: object lost"] + entry["broken binding: object kept, recoloured"] == broken
+    assert set(result["shared cells"]) == {"12x12", "6x6", "3x3"}
+    assert all(0 <= share <= 1 for share in result["shared cells"].values())
     captions = result["captions"]
     assert captions["coarse right"]["images"] + captions["coarse wrong"]["images"] == realigned
     for side in captions.values():
