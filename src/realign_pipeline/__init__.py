@@ -16,6 +16,7 @@ from .layout import (
     resolve_layout,
 )
 from .pipeline import RealignDiffPipeline, RealignDiffPipelineOutput
+from .pipeline_xl import RealignDiffXLPipeline
 
 __all__ = [
     "SCORE_CERTAIN",
@@ -27,6 +28,7 @@ __all__ = [
     "RealignAttnProcessor",
     "RealignDiffPipeline",
     "RealignDiffPipelineOutput",
+    "RealignDiffXLPipeline",
     "Region",
     "ResolvedLayout",
     "resolve_layout",

@@ -4,6 +4,9 @@ Nothing here downloads anything. One module per family:
 
 - :mod:`.stable_diffusion`: :func:`tiny_components` / :func:`tiny_pipeline` (a tiny random Stable Diffusion 1.x
   or 2.x) and :func:`clip_tokenizer` (the real CLIP tokenizer, from the shipped vocabulary);
+- :mod:`.stable_diffusion_xl`: :func:`tiny_sdxl_components` / :func:`tiny_sdxl_pipeline` (a tiny random SDXL: two
+  text encoders, added time ids, the pooled embedding) and :func:`openclip_tokenizer` (the CLIP tokenizer with
+  OpenCLIP's padding token, SDXL's ``tokenizer_2``);
 - :mod:`.clip`: :func:`tiny_clip` (a tiny random CLIP model and processor saved to a folder);
 - :mod:`.blip2`: :func:`tiny_blip2_captioner` (BLIP-2 with an OPT language model) and :func:`tiny_blip2_itm`
   (BLIP-2 image-text matching), saved to folders;
@@ -36,9 +39,16 @@ from .stable_diffusion import (
     tiny_components,
     tiny_pipeline,
 )
+from .stable_diffusion_xl import (
+    OPENCLIP_PAD_TOKEN,
+    openclip_tokenizer,
+    tiny_sdxl_components,
+    tiny_sdxl_pipeline,
+)
 
 __all__ = [
     "CLIP_BPE_FILENAME",
+    "OPENCLIP_PAD_TOKEN",
     "STYLES",
     "TINY_BLIP2_IMAGE_SIZE",
     "TINY_BLIP2_NUM_QUERY_TOKENS",
@@ -49,6 +59,7 @@ __all__ = [
     "blip_image_processor",
     "bytes_to_unicode",
     "clip_tokenizer",
+    "openclip_tokenizer",
     "tiny_blip2_captioner",
     "tiny_blip2_itm",
     "tiny_clip",
@@ -58,4 +69,6 @@ __all__ = [
     "tiny_opt_tokenizer",
     "tiny_pipeline",
     "tiny_sam",
+    "tiny_sdxl_components",
+    "tiny_sdxl_pipeline",
 ]
