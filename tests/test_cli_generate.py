@@ -12,12 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from realign_pipeline import Layout, Region
 from realign_pipeline.cli import main
-from realign_pipeline.testing import tiny_clip, tiny_grounding_dino, tiny_pipeline, tiny_sam
 from realign_pipeline.visualize import display_size, figure6_panel, figure7_maps
 
 PROMPT = "a red book and a yellow vase"
@@ -45,15 +43,9 @@ def _not_blank(path) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "sd")
-    return {
-        "sd": str(root / "sd"),
-        "clip": str(tiny_clip(root / "clip")),
-        "dino": str(tiny_grounding_dino(root / "dino")),
-        "sam": str(tiny_sam(root / "sam")),
-    }
+def models(tiny_sd_dir, tiny_clip_dir, tiny_grounding_dino_dir, tiny_sam_dir):
+    return {"sd": str(tiny_sd_dir), "clip": str(tiny_clip_dir), "dino": str(tiny_grounding_dino_dir),
+            "sam": str(tiny_sam_dir)}
 
 
 def _captioner_flags(models) -> list[str]:

@@ -9,17 +9,12 @@ import torch
 from transformers import CLIPImageProcessor
 
 from realign_pipeline.scoring import DEFAULT_CLIP_MODEL, ClipScorer, clip_preprocess_tensor, cosine_similarity
-from realign_pipeline.testing import TINY_CLIP_IMAGE_SIZE, tiny_clip
+from realign_pipeline.testing import TINY_CLIP_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def scorer(clip_dir):
-    return ClipScorer.from_pretrained(clip_dir)
+def scorer(tiny_clip_dir):
+    return ClipScorer.from_pretrained(tiny_clip_dir)
 
 
 def _smooth_image(h: int, w: int, seed: int) -> PIL.Image.Image:
@@ -38,17 +33,17 @@ def _to_tensor(img: PIL.Image.Image) -> torch.Tensor:
     return torch.tensor(np.array(img)).permute(2, 0, 1)[None].float() / 255.0
 
 
-def test_lazy_loading_and_config(clip_dir):
-    s = ClipScorer.from_pretrained(clip_dir)
+def test_lazy_loading_and_config(tiny_clip_dir):
+    s = ClipScorer.from_pretrained(tiny_clip_dir)
     assert not s.is_loaded
     assert ClipScorer().model_id_or_path == DEFAULT_CLIP_MODEL == "openai/clip-vit-large-patch14"
     s.text_embeds(["a cat"])
     assert s.is_loaded
     assert not any(p.requires_grad for p in s.model.parameters())
     cfg = s.to_config()
-    assert cfg == {"model": str(clip_dir), "dtype": None}
-    assert ClipScorer.from_config(cfg).model_id_or_path == str(clip_dir)
-    assert ClipScorer.from_config({"model": str(clip_dir), "dtype": "float64"})._dtype == torch.float64
+    assert cfg == {"model": str(tiny_clip_dir), "dtype": None}
+    assert ClipScorer.from_config(cfg).model_id_or_path == str(tiny_clip_dir)
+    assert ClipScorer.from_config({"model": str(tiny_clip_dir), "dtype": "float64"})._dtype == torch.float64
 
 
 def test_shapes_and_normalization(scorer):
@@ -160,10 +155,10 @@ def test_differentiable_path_matches_processor_embeddings_and_gradients_flow(sco
     assert not scorer.image_embeds(x).requires_grad
 
 
-def test_dtype_and_device_options(clip_dir):
-    s = ClipScorer.from_pretrained(clip_dir, device="cpu", dtype=torch.float64)
+def test_dtype_and_device_options(tiny_clip_dir):
+    s = ClipScorer.from_pretrained(tiny_clip_dir, device="cpu", dtype=torch.float64)
     assert s.dtype == torch.float64 and s.device.type == "cpu"
     e = s.image_embeds([_smooth_image(32, 32, 0)])
     assert e.dtype == torch.float32  # embeddings come back as float32 whatever the model runs in
-    ref = ClipScorer.from_pretrained(clip_dir).image_embeds([_smooth_image(32, 32, 0)])
+    ref = ClipScorer.from_pretrained(tiny_clip_dir).image_embeds([_smooth_image(32, 32, 0)])
     torch.testing.assert_close(e, ref, atol=1e-4, rtol=1e-4)

@@ -53,30 +53,22 @@ def python_files():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_clip_dir, tiny_grounding_dino_dir,
+                tiny_sam_dir, tiny_blip2_itm_dir):
     from realign_pipeline import RealignDiffPipeline
-    from realign_pipeline.testing import (
-        tiny_blip2_captioner,
-        tiny_blip2_itm,
-        tiny_clip,
-        tiny_grounding_dino,
-        tiny_pipeline,
-        tiny_sam,
-    )
+    from realign_pipeline.testing import tiny_pipeline
 
-    root = tmp_path_factory.mktemp("tiny-hub")
-    sd, lora = str(root / "sd"), str(root / "lora")
-    pipe = tiny_pipeline(RealignDiffPipeline, save_dir=sd)
-    _save_random_lora(pipe, lora)
+    sd, lora = str(tiny_realign_sd_dir), str(tmp_path_factory.mktemp("tiny-hub") / "lora")
+    _save_random_lora(tiny_pipeline(RealignDiffPipeline), lora)  # the weights of `sd`, built in memory
     words = ["a", "red", "yellow", "book", "vase", "and", "the", "on"]
     models = {
         "stable-diffusion-v1-5/stable-diffusion-v1-5": sd,
         "realigndiff-refl": sd,  # training.md: a fully fine-tuned output folder is a pipeline
-        "openai/clip-vit-large-patch14": str(tiny_clip(root / "clip")),
-        "IDEA-Research/grounding-dino-tiny": tiny_grounding_dino(root / "dino"),
-        "facebook/sam-vit-base": tiny_sam(root / "sam"),
-        "Salesforce/blip2-opt-2.7b": str(tiny_blip2_captioner(root / "cap", words=words)),
-        "Salesforce/blip2-itm-vit-g": str(tiny_blip2_itm(root / "itm")),
+        "openai/clip-vit-large-patch14": str(tiny_clip_dir),
+        "IDEA-Research/grounding-dino-tiny": str(tiny_grounding_dino_dir),
+        "facebook/sam-vit-base": str(tiny_sam_dir),
+        "Salesforce/blip2-opt-2.7b": str(tiny_folders.blip2_captioner(words=words)),
+        "Salesforce/blip2-itm-vit-g": str(tiny_blip2_itm_dir),
     }
     return {"models": models, "loras": {"realigndiff-refl": lora}}
 

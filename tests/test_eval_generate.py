@@ -33,10 +33,8 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("models") / "sd"
-    tiny_pipeline(RealignDiffPipeline, save_dir=folder)
-    return str(folder)
+def sd_folder(tiny_realign_sd_dir) -> str:
+    return str(tiny_realign_sd_dir)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +208,7 @@ def test_presets_and_config_errors(tmp_path, sd_folder):
     assert mine.pipeline_kwargs == {"cross_attention_strength": 1.0, "self_attention_strength": 0.5}
 
 
-def test_refl_checkpoints_and_auto_pipeline(config, pipe, tmp_path):
+def test_refl_checkpoints_and_auto_pipeline(config, pipe, tiny_sd_dir, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -226,10 +224,7 @@ def test_refl_checkpoints_and_auto_pipeline(config, pipe, tmp_path):
     assert not torch.equal(next(full.unet.parameters()), next(pipe.unet.parameters()))
 
     records = load_prompts("cc500", limit=1)
-    from diffusers import StableDiffusionPipeline
-
-    tiny_pipeline(StableDiffusionPipeline).save_pretrained(tmp_path / "sd")  # a folder of a diffusers class
-    auto = config.replace(name="auto", pipeline="auto", model=str(tmp_path / "sd"))
+    auto = config.replace(name="auto", pipeline="auto", model=str(tiny_sd_dir))  # a folder of a diffusers class
     generate_images(auto, records, tmp_path / "auto", progress=False, device="cpu")
     generate_images(config, records, tmp_path / "plain", pipeline=pipe, progress=False)
     assert type(build_pipeline(auto, device="cpu")).__name__ == "StableDiffusionPipeline"
@@ -239,9 +234,9 @@ def test_refl_checkpoints_and_auto_pipeline(config, pipe, tmp_path):
 def _tiny_gpt2(folder: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    from realign_pipeline.testing import _bytes_to_unicode
+    from realign_pipeline.testing import bytes_to_unicode
 
-    vocab = {char: i for i, char in enumerate(_bytes_to_unicode())}
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode())}
     vocab["<|endoftext|>"] = len(vocab)
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))

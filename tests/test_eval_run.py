@@ -15,21 +15,15 @@ import pytest
 from PIL import Image
 
 from realign_pipeline.cli import main
-from realign_pipeline.testing import tiny_clip
 
 PROMPTS = ["a red cube", "a blue ball and a green cone", "two yellow cats"]
 SEEDS = (42, 43)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from realign_pipeline import RealignDiffPipeline
-    from realign_pipeline.testing import tiny_pipeline
-
+def setup(tmp_path_factory, tiny_realign_sd_dir, tiny_clip_dir):
     root = tmp_path_factory.mktemp("run")
-    sd = root / "sd"
-    tiny_pipeline(RealignDiffPipeline, save_dir=str(sd))
-    clip = tiny_clip(root / "clip")
+    sd, clip = tiny_realign_sd_dir, tiny_clip_dir
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     for name, guidance in (("tiny-a", 7.5), ("tiny-b", 2.0)):
         config = {"name": name, "model": str(sd), "steps": 2, "guidance": guidance, "dtype": "float32"}

@@ -19,7 +19,7 @@ from realign_pipeline.evaluation.fid import FrechetDistance
 from realign_pipeline.evaluation.metrics import ClipScore
 from realign_pipeline.evaluation.score import METRIC_NAMES, read_results, score_folder
 from realign_pipeline.evaluation.vqa import BlipVqaScore, vqa_questions
-from realign_pipeline.testing import blip_image_processor, tiny_clip
+from realign_pipeline.testing import blip_image_processor
 
 PROMPTS = ["a red book and a yellow vase", "a green bench", "a blue car on the road", "the white cat", "a dog"]
 
@@ -50,8 +50,8 @@ def make_folder(root, name="cfg", n=5, seed=0, prompt_set="coco5k", shards=2):
 
 
 @pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
-    return str(tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
+def clip_path(tiny_clip_dir):
+    return str(tiny_clip_dir)
 
 
 def bert_tokenizer():

@@ -4,12 +4,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -58,51 +55,13 @@ def test_realign_generate_with_the_rule_based_llm(tmp_path):
     assert "realigned: True" in result.stdout
 
 
-class _ChatServer:
-    """A local stand-in for an OpenAI-compatible /v1/chat/completions (vLLM, Ollama...)."""
-
-    def __init__(self, content: str):
-        server = self
-        server.requests = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests += 1
-                body = json.dumps({
-                    "id": "x", "object": "chat.completion", "created": 0, "model": "local",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture()
-def chat_server():
+def test_realign_generate_with_an_openai_compatible_server(tmp_path, chat_server):
     answer = {"objects": [{"tag": "book", "score": 2, "phrase": "red book"},
                           {"tag": "vase", "score": 0.5, "phrase": "yellow vase"}]}
-    server = _ChatServer(json.dumps(answer))
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
-
-
-def test_realign_generate_with_an_openai_compatible_server(tmp_path, chat_server):
+    chat_server.reply(json.dumps(answer))  # every request gets this answer
     run_example("realign_generate.py", "--tiny", "--llm", "openai", "--llm-model", "local",
                 "--base-url", chat_server.url, "--out", str(tmp_path))
-    assert chat_server.requests >= 1
+    assert len(chat_server.requests) >= 1
     layout = json.loads((tmp_path / "layout.json").read_text())
     scores = {region["phrase"]: region["score"] for region in layout["regions"]}
     assert scores == {"red book": 2.0, "yellow vase": 0.5}  # the server's answer, not the rule-based one

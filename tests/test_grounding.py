@@ -34,15 +34,14 @@ from realign_pipeline.captioner.grounding import (
 )
 from realign_pipeline.captioner.llm_rules import RuleBasedLLM
 from realign_pipeline.shapes.world import ShapeObject, render_scene
-from realign_pipeline.testing import bert_tokenizer, tiny_grounding_dino, tiny_sam
+from realign_pipeline.testing import bert_tokenizer
 
 H, W = 48, 80  # a non-square image
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_grounding")
-    return tiny_grounding_dino(root / "dino"), tiny_sam(root / "sam")
+def paths(tiny_grounding_dino_dir, tiny_sam_dir):
+    return str(tiny_grounding_dino_dir), str(tiny_sam_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import PIL.Image
@@ -43,6 +41,7 @@ from realign_pipeline.captioner.llm_rules import (
     singular_forms,
 )
 from realign_pipeline.captioner.relations import Relation
+from realign_pipeline.testing import ChatServer
 
 PROMPT = "A red book and a yellow vase on a table"
 TAGS = ["book", "vase", "dog"]
@@ -183,77 +182,7 @@ def test_abc6k_color_coverage_stays_at_the_documented_level():
 
 
 # --------------------------------------------------------------------------------- local chat server
-class ChatServer:
-    """A loopback ``/v1/chat/completions`` that replays scripted replies, one per request.
-
-    A reply is ("ok", text), ("status", code), ("stall", seconds), ("empty-choices", None), ("json", payload)
-    (any JSON body, status 200) or ("raw", (content_type, text)) (any body, status 200); when the script runs
-    out, the last reply repeats.
-    """
-
-    def __init__(self):
-        self.script: list[tuple[str, object]] = []
-        self.requests: list[dict] = []
-        self.auth: list[str | None] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                server.requests.append(body)
-                server.auth.append(self.headers.get("Authorization"))
-                kind, value = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                try:
-                    if kind == "stall":
-                        time.sleep(value)
-                        return
-                    if kind == "status":
-                        self._send(value, {"error": {"message": "scripted failure", "type": "server_error"}})
-                        return
-                    if kind == "json":
-                        self._send(200, value)
-                        return
-                    if kind == "raw":
-                        self._send(200, value[1].encode(), content_type=value[0])
-                        return
-                    choices = [] if kind == "empty-choices" else [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": value}}]
-                    self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
-                                     "model": body.get("model"), "choices": choices})
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def _send(self, code, payload, content_type="application/json"):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def reply(self, *items):
-        self.script = list(items)
-        return self
-
-
-@pytest.fixture
-def server():
-    chat = ChatServer()
-    chat.thread.start()
-    yield chat
-    chat.httpd.shutdown()
-    chat.httpd.server_close()
-    chat.thread.join(timeout=5)
+# `chat_server` (tests/conftest.py): a realign_pipeline.testing.ChatServer, reset for each test.
 
 
 @pytest.fixture(autouse=True)
@@ -262,8 +191,8 @@ def _no_openai_env(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
-def client(server, **kwargs):
-    options = {"model": "test-model", "base_url": server.url, "api_key": SECRET, "timeout": 0.5,
+def client(chat_server, **kwargs):
+    options = {"model": "test-model", "base_url": chat_server.url, "api_key": SECRET, "timeout": 0.5,
                "max_retries": 2, "backoff": 0.0, "max_reasks": 2}
     return OpenAIChat(**(options | kwargs))
 
@@ -281,16 +210,16 @@ def assert_valid(result: LLMResult, tags=TAGS):
     [GOOD_TEXT, f"Here you go: {GOOD_TEXT} -- that's all", f"```json\n{GOOD_TEXT}\n```"],
     ids=["valid", "prose", "code-fence"],
 )
-def test_openai_valid_answers(server, reply):
-    server.reply(("ok", reply))
-    result = client(server).judge(PROMPT, TAGS)
+def test_openai_valid_answers(chat_server, reply):
+    chat_server.reply(("ok", reply))
+    result = client(chat_server).judge(PROMPT, TAGS)
     assert_valid(result)
     assert result.objects[0] == ObjectJudgement("book", 2.0, "red book")
     assert result.source == {"backend": "openai", "model": "test-model", "fallback": False, "reason": None,
                              "raw": reply, "attempts": 1}
-    request = server.requests[0]
+    request = chat_server.requests[0]
     assert request["model"] == "test-model" and request["temperature"] == 0
-    assert server.auth[0] == f"Bearer {SECRET}"
+    assert chat_server.headers[0]["Authorization"] == f"Bearer {SECRET}"
 
 
 @pytest.mark.parametrize(
@@ -304,23 +233,23 @@ def test_openai_valid_answers(server, reply):
     ],
     ids=["invalid-json", "phrase-not-in-prompt", "score-out-of-range", "empty"],
 )
-def test_openai_invalid_answers_are_reasked_then_fall_back(server, reply, reason):
-    server.reply(("ok", reply))
-    result = client(server).judge(PROMPT, TAGS)
+def test_openai_invalid_answers_are_reasked_then_fall_back(chat_server, reply, reason):
+    chat_server.reply(("ok", reply))
+    result = client(chat_server).judge(PROMPT, TAGS)
     assert_valid(result)
     assert result.source["fallback"] is True and result.source["attempts"] == 3
     assert result.source["reason"].startswith("invalid answer: ") and reason in result.source["reason"]
     assert result.source["raw"] == reply
     assert result.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
-    assert len(server.requests) == 3
+    assert len(chat_server.requests) == 3
     # The re-ask carries the model's answer and what was wrong with it.
-    last = server.requests[-1]["messages"]
+    last = chat_server.requests[-1]["messages"]
     assert last[-2] == {"role": "assistant", "content": reply} and reason in last[-1]["content"]
 
 
-def test_openai_invalid_then_valid_answer_is_used(server):
-    server.reply(("ok", "no idea"), ("ok", GOOD_TEXT))
-    result = client(server).judge(PROMPT, TAGS)
+def test_openai_invalid_then_valid_answer_is_used(chat_server):
+    chat_server.reply(("ok", "no idea"), ("ok", GOOD_TEXT))
+    result = client(chat_server).judge(PROMPT, TAGS)
     assert result.source["fallback"] is False and result.source["attempts"] == 2
     assert result.objects[1].phrase == "yellow vase"
 
@@ -348,58 +277,58 @@ MESSAGE = {"role": "assistant", "content": None}
     ids=["html", "html-labelled-json", "empty-body", "no-choices", "error-object", "empty-choices",
          "choices-not-list", "no-message", "content-null", "refusal", "content-number", "json-list"],
 )
-def test_openai_unusable_replies_are_retried_then_fall_back(server, reply, reason):
-    server.reply(reply)
-    result = client(server, max_retries=2, backoff=0.0).judge(PROMPT, TAGS)
+def test_openai_unusable_replies_are_retried_then_fall_back(chat_server, reply, reason):
+    chat_server.reply(reply)
+    result = client(chat_server, max_retries=2, backoff=0.0).judge(PROMPT, TAGS)
     assert_valid(result)
     assert result.source["fallback"] is True and result.source["raw"] is None
     assert result.source["reason"].startswith("unusable reply: ") and reason in result.source["reason"]
-    assert result.source["attempts"] == 3 and len(server.requests) == 3  # bounded: the first try + 2 retries
+    assert result.source["attempts"] == 3 and len(chat_server.requests) == 3  # bounded: the first try + 2 retries
     assert result.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
 
 
-def test_openai_recovers_after_an_html_page(server):
-    server.reply(("raw", ("text/html", PORTAL)), ("ok", GOOD_TEXT))
-    result = client(server, max_retries=1, max_reasks=0).judge(PROMPT, TAGS)  # a retry, not a re-ask
+def test_openai_recovers_after_an_html_page(chat_server):
+    chat_server.reply(("raw", ("text/html", PORTAL)), ("ok", GOOD_TEXT))
+    result = client(chat_server, max_retries=1, max_reasks=0).judge(PROMPT, TAGS)  # a retry, not a re-ask
     assert result.source["fallback"] is False and result.source["attempts"] == 2
     assert result.objects[0].phrase == "red book"
 
 
-def test_openai_reply_echoing_the_key_is_redacted(server):
-    server.reply(("raw", ("text/html", f"<html>proxy saw Authorization: Bearer {SECRET}</html>")))
-    result = client(server, max_retries=0).judge(PROMPT, TAGS)
+def test_openai_reply_echoing_the_key_is_redacted(chat_server):
+    chat_server.reply(("raw", ("text/html", f"<html>proxy saw Authorization: Bearer {SECRET}</html>")))
+    result = client(chat_server, max_retries=0).judge(PROMPT, TAGS)
     assert result.source["fallback"] is True and "not JSON" in result.source["reason"]
     assert SECRET not in json.dumps(result.source)
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
-def test_openai_server_errors_are_retried_then_fall_back(server, status):
-    server.reply(("status", status))
-    result = client(server, max_retries=2).judge(PROMPT, TAGS)
+def test_openai_server_errors_are_retried_then_fall_back(chat_server, status):
+    chat_server.reply(("status", status))
+    result = client(chat_server, max_retries=2).judge(PROMPT, TAGS)
     assert_valid(result)
     assert result.source["fallback"] is True and result.source["attempts"] == 3
     assert f"HTTP {status}" in result.source["reason"] and result.source["raw"] is None
-    assert len(server.requests) == 3  # our retries only: the client's own are off
+    assert len(chat_server.requests) == 3  # our retries only: the client's own are off
 
 
-def test_openai_recovers_after_a_429_and_a_500(server):
-    server.reply(("status", 429), ("status", 500), ("ok", GOOD_TEXT))
-    result = client(server, max_retries=2).judge(PROMPT, TAGS)
+def test_openai_recovers_after_a_429_and_a_500(chat_server):
+    chat_server.reply(("status", 429), ("status", 500), ("ok", GOOD_TEXT))
+    result = client(chat_server, max_retries=2).judge(PROMPT, TAGS)
     assert result.source["fallback"] is False and result.source["attempts"] == 3
 
 
-def test_openai_backoff_doubles(server, monkeypatch):
+def test_openai_backoff_doubles(chat_server, monkeypatch):
     sleeps = []
     monkeypatch.setattr("realign_pipeline.captioner.llm.time.sleep", sleeps.append)
-    server.reply(("status", 500))
-    client(server, max_retries=3, backoff=0.25).judge(PROMPT, TAGS)
+    chat_server.reply(("status", 500))
+    client(chat_server, max_retries=3, backoff=0.25).judge(PROMPT, TAGS)
     assert sleeps == [0.25, 0.5, 1.0]
 
 
-def test_openai_stalled_reply_times_out_and_falls_back(server):
-    server.reply(("stall", 3.0))
+def test_openai_stalled_reply_times_out_and_falls_back(chat_server):
+    chat_server.reply(("stall", 3.0))
     start = time.monotonic()
-    result = client(server, timeout=0.5, max_retries=1).judge(PROMPT, TAGS)
+    result = client(chat_server, timeout=0.5, max_retries=1).judge(PROMPT, TAGS)
     elapsed = time.monotonic() - start
     assert_valid(result)
     assert result.source["fallback"] is True and result.source["attempts"] == 2
@@ -407,57 +336,56 @@ def test_openai_stalled_reply_times_out_and_falls_back(server):
     assert elapsed < 2.5
 
 
-def test_openai_client_error_is_not_retried(server):
-    server.reply(("status", 401))
-    result = client(server).judge(PROMPT, TAGS)
+def test_openai_client_error_is_not_retried(chat_server):
+    chat_server.reply(("status", 401))
+    result = client(chat_server).judge(PROMPT, TAGS)
     assert result.source["fallback"] and result.source["attempts"] == 1 and "HTTP 401" in result.source["reason"]
 
 
-def test_openai_connection_refused_falls_back(server):
-    url = server.url
-    server.httpd.shutdown()
-    server.httpd.server_close()
+def test_openai_connection_refused_falls_back():
+    with ChatServer() as closed:  # a server of its own, closed: the shared one stays up
+        url = closed.url
     result = OpenAIChat("m", base_url=url, api_key=SECRET, timeout=0.5, max_retries=1, backoff=0).judge(PROMPT, TAGS)
     assert result.source["fallback"] and "APIConnectionError" in result.source["reason"]
 
 
-def test_openai_memory_cache_makes_no_second_request(server):
-    server.reply(("ok", GOOD_TEXT), ("ok", json.dumps({"objects": GOOD["objects"][:1]})))
-    llm = client(server)
+def test_openai_memory_cache_makes_no_second_request(chat_server):
+    chat_server.reply(("ok", GOOD_TEXT), ("ok", json.dumps({"objects": GOOD["objects"][:1]})))
+    llm = client(chat_server)
     first = llm.judge(PROMPT, TAGS)
     second = llm.judge(PROMPT, list(TAGS))
-    assert len(server.requests) == 1
+    assert len(chat_server.requests) == 1
     assert second.objects == first.objects and second.source["raw"] == GOOD_TEXT
     assert not llm.judge(PROMPT, ["book"]).source["fallback"]  # other tags: a new request
-    assert len(server.requests) == 2
+    assert len(chat_server.requests) == 2
 
 
-def test_openai_fallbacks_are_not_cached(server):
-    server.reply(("status", 500), ("status", 500), ("ok", GOOD_TEXT))
-    llm = client(server, max_retries=1)
+def test_openai_fallbacks_are_not_cached(chat_server):
+    chat_server.reply(("status", 500), ("status", 500), ("ok", GOOD_TEXT))
+    llm = client(chat_server, max_retries=1)
     assert llm.judge(PROMPT, TAGS).source["fallback"] is True
     assert llm.judge(PROMPT, TAGS).source["fallback"] is False
 
 
-def test_openai_disk_cache_survives_a_new_instance_and_holds_no_key(server, tmp_path, caplog):
+def test_openai_disk_cache_survives_a_new_instance_and_holds_no_key(chat_server, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
-    server.reply(("status", 500), ("ok", GOOD_TEXT))
-    first = client(server, cache_dir=tmp_path).judge(PROMPT, TAGS)
-    assert first.source["fallback"] is False and len(server.requests) == 2
+    chat_server.reply(("status", 500), ("ok", GOOD_TEXT))
+    first = client(chat_server, cache_dir=tmp_path).judge(PROMPT, TAGS)
+    assert first.source["fallback"] is False and len(chat_server.requests) == 2
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and re.fullmatch(r"[0-9a-f]{64}\.json", files[0].name)
-    again = client(server, cache_dir=tmp_path, api_key="another-key").judge(PROMPT, TAGS)
-    assert len(server.requests) == 2  # no HTTP request
+    again = client(chat_server, cache_dir=tmp_path, api_key="another-key").judge(PROMPT, TAGS)
+    assert len(chat_server.requests) == 2  # no HTTP request
     assert again.objects == first.objects and again.source["cached"] is True
     for path in tmp_path.rglob("*"):
         assert SECRET not in path.read_text() and "another-key" not in path.read_text()
     assert SECRET not in caplog.text
 
 
-def test_api_key_never_in_config_repr_or_source(server, caplog):
+def test_api_key_never_in_config_repr_or_source(chat_server, caplog):
     caplog.set_level(logging.DEBUG)
-    server.reply(("status", 500))
-    llm = client(server, max_retries=1)
+    chat_server.reply(("status", 500))
+    llm = client(chat_server, max_retries=1)
     result = llm.judge(PROMPT, TAGS)
     for text in (json.dumps(llm.to_config()), repr(llm), json.dumps(result.source), caplog.text):
         assert SECRET not in text
@@ -465,13 +393,13 @@ def test_api_key_never_in_config_repr_or_source(server, caplog):
     assert isinstance(restored, OpenAIChat) and restored.to_config() == llm.to_config()
 
 
-def test_openai_key_from_environment(server, monkeypatch):
+def test_openai_key_from_environment(chat_server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    server.reply(("ok", GOOD_TEXT))
+    monkeypatch.setenv("OPENAI_BASE_URL", chat_server.url)
+    chat_server.reply(("ok", GOOD_TEXT))
     llm = OpenAIChat("env-model", timeout=0.5, backoff=0)
     assert llm.judge(PROMPT, TAGS).source["fallback"] is False
-    assert server.auth[0] == f"Bearer {SECRET}" and llm.to_config()["base_url"] is None
+    assert chat_server.headers[0]["Authorization"] == f"Bearer {SECRET}" and llm.to_config()["base_url"] is None
 
 
 def test_openai_without_key_or_base_url_warns_once_and_uses_rules():
@@ -487,10 +415,10 @@ def test_openai_without_key_or_base_url_warns_once_and_uses_rules():
     assert first.objects == RuleBasedLLM().judge(PROMPT, TAGS).objects
 
 
-def test_empty_and_duplicate_tags(server):
-    server.reply(("ok", json.dumps({"objects": [GOOD["objects"][0]]})))
-    llm = client(server)
-    assert llm.judge(PROMPT, []).objects == [] and not server.requests
+def test_empty_and_duplicate_tags(chat_server):
+    chat_server.reply(("ok", json.dumps({"objects": [GOOD["objects"][0]]})))
+    llm = client(chat_server)
+    assert llm.judge(PROMPT, []).objects == [] and not chat_server.requests
     result = llm.judge(PROMPT, ["book", "Book ", "book"])
     assert [o.tag for o in result.objects] == ["book"] and not result.source["fallback"]
 
@@ -559,14 +487,14 @@ def rule_relations():
     return RuleBasedLLM().relations(REL_PROMPT, PHRASES)
 
 
-def test_openai_relations_valid_answer(server):
-    server.reply(("ok", f"Here it is: {REL_GOOD}"))
-    result = client(server).relations(REL_PROMPT, PHRASES)
+def test_openai_relations_valid_answer(chat_server):
+    chat_server.reply(("ok", f"Here it is: {REL_GOOD}"))
+    result = client(chat_server).relations(REL_PROMPT, PHRASES)
     assert isinstance(result, RelationResult)
     assert result.relations == [Relation("red book", "left of", "yellow vase", "left of")]
     assert result.source == {"backend": "openai", "model": "test-model", "fallback": False, "reason": None,
                              "raw": f"Here it is: {REL_GOOD}", "attempts": 1}
-    assert "spatial relation" in server.requests[0]["messages"][-1]["content"]
+    assert "spatial relation" in chat_server.requests[0]["messages"][-1]["content"]
 
 
 @pytest.mark.parametrize(
@@ -578,35 +506,35 @@ def test_openai_relations_valid_answer(server):
     ],
     ids=["malformed-json", "unknown-phrase", "unknown-relation"],
 )
-def test_openai_relations_invalid_answers_are_reasked_then_fall_back(server, reply, reason):
-    server.reply(("ok", reply))
-    result = client(server).relations(REL_PROMPT, PHRASES)
-    assert result.source["fallback"] is True and result.source["attempts"] == 3 and len(server.requests) == 3
+def test_openai_relations_invalid_answers_are_reasked_then_fall_back(chat_server, reply, reason):
+    chat_server.reply(("ok", reply))
+    result = client(chat_server).relations(REL_PROMPT, PHRASES)
+    assert result.source["fallback"] is True and result.source["attempts"] == 3 and len(chat_server.requests) == 3
     assert result.source["reason"].startswith(reason) and result.source["raw"] == reply
     assert result.relations == rule_relations().relations and result.unresolved == rule_relations().unresolved
-    last = server.requests[-1]["messages"]
+    last = chat_server.requests[-1]["messages"]
     assert last[-2] == {"role": "assistant", "content": reply} and "could not be used" in last[-1]["content"]
 
 
-def test_openai_relations_html_page_is_retried_then_falls_back(server):
-    server.reply(("raw", ("text/html", PORTAL)))
-    result = client(server, max_retries=2).relations(REL_PROMPT, PHRASES)
+def test_openai_relations_html_page_is_retried_then_falls_back(chat_server):
+    chat_server.reply(("raw", ("text/html", PORTAL)))
+    result = client(chat_server, max_retries=2).relations(REL_PROMPT, PHRASES)
     assert result.source["fallback"] is True and result.source["attempts"] == 3 and result.source["raw"] is None
     assert result.source["reason"].startswith("unusable reply: ") and "not JSON (text/html)" in result.source["reason"]
     assert result.relations == [Relation("red book", "left of", "yellow vase", "to the left of")]  # the rules'
 
 
-def test_openai_relations_recover_and_are_cached_apart_from_judge(server, tmp_path):
-    server.reply(("ok", "no idea"), ("ok", REL_GOOD), ("ok", GOOD_TEXT))
-    llm = client(server, cache_dir=tmp_path)
+def test_openai_relations_recover_and_are_cached_apart_from_judge(chat_server, tmp_path):
+    chat_server.reply(("ok", "no idea"), ("ok", REL_GOOD), ("ok", GOOD_TEXT))
+    llm = client(chat_server, cache_dir=tmp_path)
     first = llm.relations(REL_PROMPT, PHRASES)
     assert first.source["fallback"] is False and first.source["attempts"] == 2
-    assert llm.relations(REL_PROMPT, PHRASES).relations == first.relations and len(server.requests) == 2
-    assert llm.judge(PROMPT, TAGS).source["fallback"] is False and len(server.requests) == 3  # its own request
-    again = client(server, cache_dir=tmp_path).relations(REL_PROMPT, PHRASES)
-    assert again.source["cached"] is True and again.relations == first.relations and len(server.requests) == 3
+    assert llm.relations(REL_PROMPT, PHRASES).relations == first.relations and len(chat_server.requests) == 2
+    assert llm.judge(PROMPT, TAGS).source["fallback"] is False and len(chat_server.requests) == 3  # its own request
+    again = client(chat_server, cache_dir=tmp_path).relations(REL_PROMPT, PHRASES)
+    assert again.source["cached"] is True and again.relations == first.relations and len(chat_server.requests) == 3
     assert len(list(tmp_path.glob("*.json"))) == 2
-    assert llm.relations(REL_PROMPT, ["red book"]).relations == [] and len(server.requests) == 3  # one phrase
+    assert llm.relations(REL_PROMPT, ["red book"]).relations == [] and len(chat_server.requests) == 3  # one phrase
 
 
 def test_openai_relations_without_a_key_use_the_rules():
@@ -636,11 +564,11 @@ class _WrongSideGrounder:
         return out
 
 
-def test_captioner_corrects_relations_with_the_chat_llm(server):
+def test_captioner_corrects_relations_with_the_chat_llm(chat_server):
     judged = json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "red book"},
                                      {"tag": "vase", "score": 2, "phrase": "yellow vase"}]})
-    server.reply(("ok", judged), ("ok", REL_GOOD))
-    captioner = DenseCaptioner(_NounTagger(), client(server), _WrongSideGrounder(), add_prompt_objects=False,
+    chat_server.reply(("ok", judged), ("ok", REL_GOOD))
+    captioner = DenseCaptioner(_NounTagger(), client(chat_server), _WrongSideGrounder(), add_prompt_objects=False,
                                correct_relations=True)
     layout = captioner([PIL.Image.new("RGB", (40, 20))], [REL_PROMPT])[0]
     book, vase = layout.regions
@@ -648,7 +576,7 @@ def test_captioner_corrects_relations_with_the_chat_llm(server):
     record = layout.source["relations"]
     assert record["parser"]["backend"] == "openai" and record["parser"]["fallback"] is False
     assert record["corrected"] == 1 and record["relations"][0]["action"] == "swapped"
-    assert len(server.requests) == 2
+    assert len(chat_server.requests) == 2
 
 
 def test_transformers_relations_go_through_validation_and_fall_back(tiny_chat_model, monkeypatch):

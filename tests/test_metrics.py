@@ -21,20 +21,18 @@ from realign_pipeline.evaluation.metrics import (
     NegClipScore,
 )
 from realign_pipeline.rewards import CaptionReward
-from realign_pipeline.testing import tiny_blip2_captioner, tiny_blip2_itm, tiny_clip
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "of", "and", "on"]
 PROMPTS = ["a red circle", "a blue square", "a green star", "the yellow triangle"]
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metrics")
+def paths(tiny_folders, tiny_clip_dir, tiny_blip2_itm_dir):
     return {
-        "clip": tiny_clip(root / "clip"),
-        "clip2": tiny_clip(root / "clip2", seed=1),
-        "itm": tiny_blip2_itm(root / "itm"),
-        "cap": tiny_blip2_captioner(root / "cap", words=WORDS),
+        "clip": tiny_clip_dir,
+        "clip2": tiny_folders.clip(seed=1),
+        "itm": tiny_blip2_itm_dir,
+        "cap": tiny_folders.blip2_captioner(words=WORDS),
     }
 
 

@@ -9,19 +9,14 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, Stabl
 
 from realign_pipeline import Layout, LayoutError, RealignDiffPipeline, Region
 from realign_pipeline.attention import RealignAttnProcessor
-from realign_pipeline.testing import tiny_pipeline
 
 PROMPT = "a red book and a yellow vase"
 LAYOUT = Layout([Region("red book", box=[0.0, 0.0, 0.5, 1.0]), Region("yellow vase", box=[0.5, 0.0, 1.0, 1.0])])
 
 
 @pytest.fixture(scope="module")
-def saved_dirs(tmp_path_factory):
-    dirs = {}
-    for style in ("sd1", "sd2"):
-        dirs[style] = tmp_path_factory.mktemp(style)
-        tiny_pipeline(StableDiffusionPipeline, style=style, save_dir=dirs[style])
-    return dirs
+def saved_dirs(tiny_folders):
+    return {style: tiny_folders.stable_diffusion(style) for style in ("sd1", "sd2")}
 
 
 def load(saved_dirs, style="sd1", **kwargs) -> RealignDiffPipeline:

@@ -11,12 +11,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from realign_pipeline import Layout, RealignDiffPipeline, Region
 from realign_pipeline.captioner.base import Detection, LLMResult, ObjectJudgement
 from realign_pipeline.captioner.dense import DenseCaptioner
-from realign_pipeline.testing import tiny_pipeline
 
 PROMPT = "a red book and a yellow vase"
 BOXES = {"red book": (0.0, 0.0, 0.5, 1.0), "yellow vase": (0.5, 0.0, 1.0, 1.0)}
@@ -97,16 +95,9 @@ def captioner(**kwargs) -> DenseCaptioner:
     return DenseCaptioner(WordTagger(**kwargs), LookupLLM(), BoxGrounder())
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sd1")
-    tiny_pipeline(StableDiffusionPipeline, save_dir=path)
-    return path
-
-
 @pytest.fixture()
-def pipe(saved_dir):
-    pipe = RealignDiffPipeline.from_pretrained(saved_dir, safety_checker=None, dense_captioner=captioner())
+def pipe(tiny_sd_dir):
+    pipe = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dense_captioner=captioner())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -146,9 +137,9 @@ def test_realign_is_coarse_then_layout_guided_from_the_same_noise(pipe):
     assert set(out.coarse_attention_maps[0]) == set(out.attention_maps[0]) >= {"red", "book"}
 
 
-def test_without_a_kept_object_the_coarse_image_is_returned(saved_dir):
+def test_without_a_kept_object_the_coarse_image_is_returned(tiny_sd_dir):
     pipe = RealignDiffPipeline.from_pretrained(
-        saved_dir, safety_checker=None, dense_captioner=DenseCaptioner(WordTagger(), LookupLLM(), BoxGrounder({}))
+        tiny_sd_dir, safety_checker=None, dense_captioner=DenseCaptioner(WordTagger(), LookupLLM(), BoxGrounder({}))
     )
     pipe.set_progress_bar_config(disable=True)
     out = run(pipe, realign=True)
@@ -174,8 +165,8 @@ def test_batches_get_one_layout_per_image_and_user_layouts_win(pipe):
     assert len(out.images) == len(out.coarse_images) == 4
 
 
-def test_realign_needs_a_captioner_and_a_prompt(saved_dir, pipe):
-    bare = RealignDiffPipeline.from_pretrained(saved_dir, safety_checker=None)
+def test_realign_needs_a_captioner_and_a_prompt(tiny_sd_dir, pipe):
+    bare = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     assert bare.dense_captioner is None
     with pytest.raises(ValueError, match="dense_captioner=DenseCaptioner"):
         run(bare, realign=True)
@@ -270,8 +261,8 @@ def _recording_latents(pipeline):
     return calls
 
 
-def test_every_scheduler_gets_the_noise_once_scaled_and_the_fine_pass_the_coarse_passs_latents(saved_dir):
-    pipe = RealignDiffPipeline.from_pretrained(saved_dir, safety_checker=None, dense_captioner=captioner())
+def test_every_scheduler_gets_the_noise_once_scaled_and_the_fine_pass_the_coarse_passs_latents(tiny_sd_dir):
+    pipe = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dense_captioner=captioner())
     pipe.set_progress_bar_config(disable=True)
     default = pipe.scheduler
     names = []

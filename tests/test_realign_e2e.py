@@ -3,14 +3,10 @@ CLIP tagger, rule-based LLM or the real `openai` client against a local chat-com
 DINO + SAM."""
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from realign_pipeline import RealignDiffPipeline
 from realign_pipeline.captioner.dense import DenseCaptioner
@@ -18,74 +14,14 @@ from realign_pipeline.captioner.grounding import GroundingDinoSamGrounder
 from realign_pipeline.captioner.llm import OpenAIChat
 from realign_pipeline.captioner.llm_rules import RuleBasedLLM
 from realign_pipeline.captioner.tagger import ClipTagger
-from realign_pipeline.testing import tiny_clip, tiny_grounding_dino, tiny_pipeline, tiny_sam
 
 PROMPT = "a red book and a yellow vase"
 SECRET = "sk-test-secret-never-written"
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "sd")
-    return {
-        "sd": root / "sd",
-        "clip": tiny_clip(root / "clip"),
-        "dino": tiny_grounding_dino(root / "dino"),
-        "sam": tiny_sam(root / "sam"),
-    }
-
-
-class ChatServer:
-    """A local stand-in for /v1/chat/completions that answers from a script (one reply per request)."""
-
-    def __init__(self):
-        self.replies: list[tuple[int, str]] = []
-        self.requests = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                self.rfile.read(length)
-                server.requests += 1
-                status, content = server.replies.pop(0) if server.replies else (200, "{}")
-                if status == "stall":  # answer only after the client's timeout
-                    time.sleep(float(content))
-                    status, content = 200, "{}"
-                body = json.dumps({
-                    "id": "x", "object": "chat.completion", "created": 0, "model": "test",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }) if status == 200 else json.dumps({"error": {"message": "server says no"}})
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body.encode())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # a stalled reply: the client timed out and closed the connection, as the test intends
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture()
-def chat_server():
-    server = ChatServer()
-    yield server
-    server.close()
+def model_dirs(tiny_sd_dir, tiny_clip_dir, tiny_grounding_dino_dir, tiny_sam_dir):
+    return {"sd": tiny_sd_dir, "clip": tiny_clip_dir, "dino": tiny_grounding_dino_dir, "sam": tiny_sam_dir}
 
 
 def make_pipe(model_dirs, llm) -> RealignDiffPipeline:
@@ -121,26 +57,26 @@ def test_realign_with_the_rule_based_llm(model_dirs):
 @pytest.mark.parametrize(
     "replies, fallback",
     [
-        ([(200, json.dumps({"objects": [
+        ([("ok", json.dumps({"objects": [
             {"tag": "book", "score": 2, "phrase": "red book"},
             {"tag": "vase", "score": 2, "phrase": "yellow vase"}]}))], False),
-        ([(200, "Sure! ```json\n" + json.dumps({"objects": [
+        ([("ok", "Sure! ```json\n" + json.dumps({"objects": [
             {"tag": "book", "score": 2, "phrase": "red book"}, {"tag": "vase", "score": 0.5, "phrase": None}]})
                + "\n```")], False),
-        ([(200, "not json at all")] * 3, True),
-        ([(200, json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "green apple"}]}))] * 3, True),
-        ([(200, json.dumps({"objects": [{"tag": "book", "score": 7, "phrase": "red book"},
-                                        {"tag": "vase", "score": 2, "phrase": "yellow vase"}]}))] * 3, True),
-        ([(200, "")] * 3, True),
-        ([(500, "")] * 4, True),
-        ([(429, "")] * 4, True),
-        ([("stall", "1.0")] * 2, True),
+        ([("ok", "not json at all")] * 3, True),
+        ([("ok", json.dumps({"objects": [{"tag": "book", "score": 2, "phrase": "green apple"}]}))] * 3, True),
+        ([("ok", json.dumps({"objects": [{"tag": "book", "score": 7, "phrase": "red book"},
+                                         {"tag": "vase", "score": 2, "phrase": "yellow vase"}]}))] * 3, True),
+        ([("ok", "")] * 3, True),
+        ([("status", 500)] * 4, True),
+        ([("status", 429)] * 4, True),
+        ([("stall", 1.0)] * 2, True),
     ],
     ids=["valid", "code-fence", "invalid-json", "phrase-not-in-prompt", "score-out-of-range", "empty",
          "http-500", "http-429", "stalled"],
 )
 def test_realign_with_an_openai_compatible_server(model_dirs, chat_server, replies, fallback):
-    chat_server.replies = list(replies)
+    chat_server.reply(*replies, then="{}")  # once the script has run out, an empty JSON object
     stalled = replies[0][0] == "stall"
     llm = OpenAIChat(model="test-model", base_url=chat_server.url, api_key=SECRET, timeout=0.3 if stalled else 2,
                      max_retries=1 if stalled else 3, backoff=0.0)

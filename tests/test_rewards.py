@@ -18,20 +18,14 @@ from realign_pipeline.rewards import (
     blip2_preprocess_tensor,
     load_reward,
 )
-from realign_pipeline.testing import tiny_blip2_captioner, tiny_blip2_itm, tiny_clip
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "left", "right", "above", "below", "of", "and", "on"]
 PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rewards")
-    return {
-        "cap": tiny_blip2_captioner(root / "cap", words=WORDS),
-        "itm": tiny_blip2_itm(root / "itm"),
-        "clip": tiny_clip(root / "clip"),
-    }
+def paths(tiny_folders, tiny_blip2_itm_dir, tiny_clip_dir):
+    return {"cap": tiny_folders.blip2_captioner(words=WORDS), "itm": tiny_blip2_itm_dir, "clip": tiny_clip_dir}
 
 
 def _pixels(seed=0, n=2, size=40):

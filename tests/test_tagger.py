@@ -20,7 +20,6 @@ from realign_pipeline.captioner.tagger import (
     merge_tags,
 )
 from realign_pipeline.scoring import ClipScorer
-from realign_pipeline.testing import tiny_clip
 
 SMALL_TAGS = ["cat", "dog", "red cube", "tree", "car", "banana", "sky", "person"]
 
@@ -31,13 +30,8 @@ def words_in_prompt(prompt: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def scorer(clip_dir):
-    return ClipScorer.from_pretrained(clip_dir)
+def scorer(tiny_clip_dir):
+    return ClipScorer.from_pretrained(tiny_clip_dir)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +136,7 @@ def test_text_embeddings_cached(scorer, images, monkeypatch):
     assert len(calls) == 6
 
 
-def test_config_round_trip(clip_dir, scorer, images):
+def test_config_round_trip(tiny_clip_dir, scorer, images):
     t = ClipTagger(
         scorer,
         SMALL_TAGS,
@@ -156,7 +150,7 @@ def test_config_round_trip(clip_dir, scorer, images):
     )
     cfg = t.to_config()
     assert json.loads(json.dumps(cfg)) == cfg  # plain JSON, no weights
-    assert cfg["scorer"]["model"] == str(clip_dir)
+    assert cfg["scorer"]["model"] == str(tiny_clip_dir)
     assert cfg["prompt_objects"] == f"{__name__}:words_in_prompt"
     t2 = ClipTagger.from_config(json.loads(json.dumps(cfg)))
     assert t2.to_config() == cfg
@@ -170,8 +164,8 @@ def test_config_round_trip(clip_dir, scorer, images):
     assert t3.thresholds.tolist() == pytest.approx([ram["cat"], 0.42])
 
 
-def test_full_ram_vocabulary_runs(clip_dir, images):
-    t = ClipTagger(str(clip_dir), top_k=10)  # a path: the tagger builds its own scorer
+def test_full_ram_vocabulary_runs(tiny_clip_dir, images):
+    t = ClipTagger(str(tiny_clip_dir), top_k=10)  # a path: the tagger builds its own scorer
     assert len(t.tags) == 4585
     rows = t.tag(images, ["a cat", "a dog"])
     vocab = set(t.tags)

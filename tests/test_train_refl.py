@@ -74,13 +74,9 @@ def _fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    from realign_pipeline.testing import tiny_pipeline
-
+def assets(tmp_path_factory, tiny_sd_dir):
     root = tmp_path_factory.mktemp("refl")
-    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "tiny-sd")
+    (root / "tiny-sd").symlink_to(tiny_sd_dir, target_is_directory=True)  # the session's folder, only read
     data = root / "pairs"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -432,13 +428,10 @@ def test_two_process_accelerate_launch(assets, tmp_path):
     assert json.loads((out / "train_stats.json").read_text())["effective_batch"] == 2
 
 
-def test_clip_reward_through_load_reward(assets, tmp_path):
+def test_clip_reward_through_load_reward(assets, tiny_clip_dir, tmp_path):
     """--reward clip --reward_model_path <tiny CLIP folder>: the script's own reward path, no test reward."""
-    from realign_pipeline.testing import tiny_clip
-
-    tiny_clip(tmp_path / "clip")
     args = _args(assets, tmp_path / "clip-run", "--use_lora", "--max_train_steps", "1")
-    args.reward_class, args.reward, args.reward_model_path = None, "clip", str(tmp_path / "clip")
+    args.reward_class, args.reward, args.reward_model_path = None, "clip", str(tiny_clip_dir)
     stats = train_refl.main(args)
     assert stats["global_step"] == 1 and np.isfinite(stats["losses"][0]["objective"])
     assert -1.0 <= stats["losses"][0]["objective"] <= 1.0
