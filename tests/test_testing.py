@@ -240,3 +240,101 @@ def test_tiny_pipeline_kwargs_replace_components():
     pipe = tiny_pipeline(scheduler=sched)
     assert type(pipe) is StableDiffusionPipeline
     assert pipe.scheduler is sched
+
+
+# --------------------------------------------------------------------------------------------------
+# The package's public names; the loopback chat server
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_public_name_is_reexported_from_its_module():
+    import importlib
+    import pkgutil
+
+    from realign_pipeline import testing
+
+    modules = [importlib.import_module(f"realign_pipeline.testing.{info.name}")
+               for info in pkgutil.iter_modules(testing.__path__)]
+    assert {"stable_diffusion", "clip", "blip2", "grounding", "chat"} <= {m.__name__.rsplit(".", 1)[1] for m in modules}
+    assert sorted(testing.__all__) == sorted(name for module in modules for name in module.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(testing, name) is getattr(module, name), name
+
+
+def _post(url: str, body: bytes, timeout: float = 5.0, **headers: str):
+    """(status, parsed JSON body) of a POST to the server's chat completions route."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _content(answer: dict) -> str:
+    return answer["choices"][0]["message"]["content"]
+
+
+def test_chat_server_script_then_and_repeat():
+    from realign_pipeline.testing import ChatServer
+
+    with ChatServer(["first", ("status", 503)], then=("json", {"x": 1})) as server:
+        assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/v1")
+        status, answer = _post(server.url, b'{"model": "m"}', Authorization="Bearer sk-1")
+        assert status == 200 and _content(answer) == "first" and answer["model"] == "m"
+        status, answer = _post(server.url, b"{}")
+        assert status == 503 and "error" in answer
+        assert _post(server.url, b"{}") == _post(server.url, b"{}") == (200, {"x": 1})  # `then`, every time
+        assert server.requests[0] == {"model": "m"} and len(server.requests) == 4
+        assert server.headers[0]["authorization"] == "Bearer sk-1" and server.headers[1]["Authorization"] is None
+        server.reply("a", "b")  # without `then`: the last reply repeats
+        assert [_content(_post(server.url, b"{}")[1]) for _ in range(3)] == ["a", "b", "b"]
+        server.reset()
+        assert server.requests == [] and _content(_post(server.url, b"not json")[1]) == "{}"
+        assert server.requests == ["not json"]
+    with pytest.raises(ValueError, match="kind"):
+        ChatServer([("teapot", 418)])
+
+
+def test_chat_server_handler_stall_reset_and_close():
+    import http.client
+    import socket
+    import threading
+    import time
+    import urllib.error
+
+    from realign_pipeline.testing import ChatServer
+
+    server = ChatServer(["scripted"], handler=lambda body: "handled" if body.get("model") == "h" else None)
+    with server:
+        assert _content(_post(server.url, b'{"model": "h"}')[1]) == "handled"
+        assert _content(_post(server.url, b'{"model": "other"}')[1]) == "scripted"
+        server.reply(("stall", 30.0))
+        with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+            _post(server.url, b"{}", timeout=0.2)
+        ended = threading.Event()
+
+        def stalled_client():
+            try:
+                _post(server.url, b"{}", timeout=30)
+            except (OSError, http.client.HTTPException):  # the connection closes without an answer
+                ended.set()
+
+        start = time.monotonic()
+        threading.Thread(target=stalled_client, daemon=True).start()
+        while len(server.requests) < 4:
+            time.sleep(0.01)
+        server.reset()  # ends the stall at once, not after 30 s
+        assert ended.wait(5) and time.monotonic() - start < 5
+        assert server.handler is None
+    assert server.closed
+    server.close()  # idempotent
+    with pytest.raises(urllib.error.URLError):
+        _post(server.url, b"{}", timeout=2)
+    with pytest.raises(RuntimeError, match="closed"):
+        server.reset()

@@ -1,9 +1,10 @@
 """A loopback OpenAI-compatible chat server for tests: ``POST /v1/chat/completions`` answered from a script.
 
-:class:`ChatServer` listens on ``127.0.0.1`` (an ephemeral port by default) and answers each request with
-the next reply of its script, so a test drives the real ``openai`` client -- and the code around it, e.g.
-:class:`realign_pipeline.captioner.OpenAIChat` -- through good answers, garbage, HTTP errors and timeouts,
-offline. It records every request (its JSON body and headers)::
+:class:`ChatServer` listens on ``127.0.0.1`` (an ephemeral port by default) and answers each POST (whatever
+its path: an OpenAI client posts to ``<url>/chat/completions``) with the next reply of its script, so a test
+drives the real ``openai`` client -- and the code around it, e.g. :class:`realign_pipeline.captioner.OpenAIChat`
+-- through good answers, garbage, HTTP errors and timeouts, offline. It records every request (its JSON body
+and headers)::
 
     from realign_pipeline.testing import ChatServer
 
