@@ -342,3 +342,24 @@ def test_a_float16_vae_decodes_upcast_and_stays_float16(sdxl_dir):
     assert decoded_in == [(torch.float32, torch.float32)] * 3
     assert pipeline.vae.dtype == torch.float16 and np.isfinite(out.images).all()
     assert BOXES.keys() == {r.phrase for r in out.layouts[0].regions}
+
+
+def test_base_with_a_layout_then_the_refiner(pipe):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    # the tiny base's modules stand in for the refiner's; the modulation acts in the base only
+    refiner = StableDiffusionXLImg2ImgPipeline(**pipe.components, add_watermarker=False)
+    refiner.set_progress_bar_config(disable=True)
+    call = {"steps": 6, "denoising_end": 0.5, "output_type": "latent"}
+    plain = run(pipe, **call).images
+    assert torch.equal(plain, run(parent_of(pipe), **call).images)
+    guided = run(pipe, layout=LAYOUT, **call).images
+    assert (guided - plain).abs().max() > 1e-5
+
+    def refine(latents):
+        return refiner(PROMPT, image=latents, num_inference_steps=6, denoising_start=0.5,
+                       generator=torch.Generator().manual_seed(1), output_type="np").images
+
+    refined, refined_plain = refine(guided), refine(plain)
+    assert refined.shape == (1, 32, 32, 3) and np.isfinite(refined).all()
+    assert np.abs(refined - refined_plain).max() > 1e-5
