@@ -8,8 +8,9 @@ one is checked to be unchanged (its files, their sizes and modification times).
 - ``tiny_folders``: the builder behind them, for other variants (``tiny_folders.clip(seed=1)``,
   ``tiny_folders.blip2_captioner(words=[...])``, ``tiny_folders.stable_diffusion("sd2")``);
 - ``tiny_sd_dir`` (a ``StableDiffusionPipeline`` folder, SD 1.x style, seed 0), ``tiny_realign_sd_dir`` (the
-  same weights saved as a ``RealignDiffPipeline``), ``tiny_clip_dir``, ``tiny_blip2_itm_dir``,
-  ``tiny_grounding_dino_dir``, ``tiny_sam_dir``: the default folders, as ``pathlib.Path``;
+  same weights saved as a ``RealignDiffPipeline``), ``tiny_sdxl_dir`` (a ``StableDiffusionXLPipeline`` folder,
+  seed 0), ``tiny_clip_dir``, ``tiny_blip2_itm_dir``, ``tiny_grounding_dino_dir``, ``tiny_sam_dir``: the default
+  folders, as ``pathlib.Path``;
 - ``chat_server``: a :class:`realign_pipeline.testing.ChatServer` shared by the session and reset for each
   test (no script: it answers ``"{}"``; no recorded requests). A test that closes a server starts its own.
 """
@@ -53,6 +54,18 @@ class TinyModelFolders:
             tiny_pipeline(classes[pipeline], style=style).save_pretrained(folder)
 
         return self._folder(f"sd-{style}-{pipeline}", build)
+
+    def stable_diffusion_xl(self) -> Path:
+        """``testing.tiny_sdxl_pipeline`` (seed 0) saved as a plain ``StableDiffusionXLPipeline``."""
+
+        def build(folder: Path) -> None:
+            from diffusers import StableDiffusionXLPipeline
+
+            from realign_pipeline.testing import tiny_sdxl_pipeline
+
+            tiny_sdxl_pipeline(StableDiffusionXLPipeline).save_pretrained(folder)
+
+        return self._folder("sdxl", build)
 
     def clip(self, seed: int = 0) -> Path:
         from realign_pipeline.testing import tiny_clip
@@ -110,6 +123,11 @@ def tiny_sd_dir(tiny_folders) -> Path:
 @pytest.fixture(scope="session")
 def tiny_realign_sd_dir(tiny_folders) -> Path:
     return tiny_folders.stable_diffusion(pipeline="RealignDiffPipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tiny_folders) -> Path:
+    return tiny_folders.stable_diffusion_xl()
 
 
 @pytest.fixture(scope="session")

@@ -22,19 +22,11 @@ from test_realign import BOXES, BoxGrounder, LookupLLM, WordTagger
 from realign_pipeline import Layout, LayoutError, RealignDiffPipeline, RealignDiffXLPipeline, Region
 from realign_pipeline.captioner.dense import DenseCaptioner
 from realign_pipeline.realign_mixin import RealignMixin, predicted_original_sample
-from realign_pipeline.testing import OPENCLIP_PAD_TOKEN, openclip_tokenizer, tiny_sdxl_pipeline
+from realign_pipeline.testing import OPENCLIP_PAD_TOKEN, openclip_tokenizer
 from realign_pipeline.tokens import prompt_token_ids
 
 PROMPT = "a red book and a yellow vase"
 LAYOUT = Layout([Region("red book", box=[0.0, 0.0, 0.5, 1.0]), Region("yellow vase", box=[0.5, 0.0, 1.0, 1.0])])
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    """A plain StableDiffusionXLPipeline folder: RealignDiffXLPipeline loads an SDXL checkpoint as it is."""
-    folder = tmp_path_factory.mktemp("tiny-sdxl")
-    tiny_sdxl_pipeline(StableDiffusionXLPipeline).save_pretrained(folder)
-    return folder
 
 
 def load(folder, cls=RealignDiffXLPipeline, **kwargs):
@@ -44,8 +36,9 @@ def load(folder, cls=RealignDiffXLPipeline, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def pipe(sdxl_dir):
-    return load(sdxl_dir)
+def pipe(tiny_sdxl_dir):
+    # a plain StableDiffusionXLPipeline folder: RealignDiffXLPipeline loads an SDXL checkpoint as it is
+    return load(tiny_sdxl_dir)
 
 
 def fresh(pipeline, **replace) -> RealignDiffXLPipeline:
@@ -323,8 +316,8 @@ def test_the_x0_prediction_without_the_schedulers_own(pipe):
     assert out.realigned == [True] and np.isfinite(out.images).all() and len(tagger.images) == 1
 
 
-def test_a_float16_vae_decodes_upcast_and_stays_float16(sdxl_dir):
-    pipeline = load(sdxl_dir, dense_captioner=stand_in_captioner())  # its own VAE: this test changes its dtype
+def test_a_float16_vae_decodes_upcast_and_stays_float16(tiny_sdxl_dir):
+    pipeline = load(tiny_sdxl_dir, dense_captioner=stand_in_captioner())  # its own VAE: this test changes its dtype
     pipeline.vae.to(torch.float16)
     assert pipeline.vae.config.force_upcast
     decoded_in = []
