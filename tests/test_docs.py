@@ -1,8 +1,9 @@
 """The docs cannot rot: every fenced ```python block of README.md and docs/*.md runs here, offline.
 
 Blocks written for real models run on tiny random ones: hub ids the docs use are redirected to tiny models
-saved in a temporary folder (``RealignDiffPipeline.from_pretrained``, ``load_lora_weights``, ``ClipScorer`` /
-``ClipTagger``, ``GroundingDinoSamGrounder``, ``CaptionReward``), and the block's source is run with
+saved in a temporary folder (``RealignDiffPipeline.from_pretrained``, ``load_lora_weights``,
+``RealignDiffXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` without their ``variant``,
+``ClipScorer`` / ``ClipTagger``, ``GroundingDinoSamGrounder``, ``CaptionReward``), and the block's source is run with
 ``"cuda"`` read as ``"cpu"`` and ``torch.float16`` as ``torch.float32``. The blocks of one file run in order
 in one namespace (a later block may use the ``pipe`` of an earlier one), which starts with the names the prose
 around the fragments stands for (``image``, ``images``, ``prompt``, ``tagger``, ``llm``, ``grounder``, ``pipe``
@@ -53,8 +54,8 @@ def python_files():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_clip_dir, tiny_grounding_dino_dir,
-                tiny_sam_dir, tiny_blip2_itm_dir):
+def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_sdxl_dir, tiny_clip_dir,
+                tiny_grounding_dino_dir, tiny_sam_dir, tiny_blip2_itm_dir):
     from realign_pipeline import RealignDiffPipeline
     from realign_pipeline.testing import tiny_pipeline
 
@@ -64,6 +65,8 @@ def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_clip_d
     models = {
         "stable-diffusion-v1-5/stable-diffusion-v1-5": sd,
         "realigndiff-refl": sd,  # training.md: a fully fine-tuned output folder is a pipeline
+        "stabilityai/stable-diffusion-xl-base-1.0": str(tiny_sdxl_dir),
+        "stabilityai/stable-diffusion-xl-refiner-1.0": str(tiny_sdxl_dir),  # the base's modules stand in
         "openai/clip-vit-large-patch14": str(tiny_clip_dir),
         "IDEA-Research/grounding-dino-tiny": str(tiny_grounding_dino_dir),
         "facebook/sam-vit-base": str(tiny_sam_dir),
@@ -93,9 +96,22 @@ def _mapping(table: dict[str, str], func):
     return wrapper
 
 
+def _without_variant(func):
+    """The tiny folders have no fp16 variant: load their only weights."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        kwargs.pop("variant", None)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture()
 def redirected(tiny_models, monkeypatch, tmp_path):
-    from realign_pipeline import RealignDiffPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from realign_pipeline import RealignDiffPipeline, RealignDiffXLPipeline
     from realign_pipeline.captioner import ClipTagger, GroundingDinoSamGrounder
     from realign_pipeline.rewards.caption import CaptionReward
     from realign_pipeline.scoring import ClipScorer
@@ -104,6 +120,9 @@ def redirected(tiny_models, monkeypatch, tmp_path):
     for cls, name in [(RealignDiffPipeline, "from_pretrained"), (ClipScorer, "from_pretrained")]:
         bound = getattr(cls, name)
         monkeypatch.setattr(cls, name, classmethod(_mapping(models, bound.__func__)))
+    for cls in (RealignDiffXLPipeline, StableDiffusionXLImg2ImgPipeline):
+        loader = _without_variant(_mapping(models, cls.from_pretrained.__func__))
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(loader))
     for cls in (ClipTagger, GroundingDinoSamGrounder, CaptionReward):
         monkeypatch.setattr(cls, "__init__", _mapping(models, cls.__init__))
     monkeypatch.setattr(RealignDiffPipeline, "load_lora_weights",
