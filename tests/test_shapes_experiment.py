@@ -1,12 +1,12 @@
 """``training/shapes/experiment.py --quick`` end to end on tiny stand-in models (not the shipped weights):
-ReFL data, the four ReFL LoRAs (train_refl.py), the evaluation and the paper's Tables 2 / 3."""
+ReFL data, the four ReFL LoRAs (train_refl.py), the evaluation and the paper's Tables 2 / 3, then the script
+rerun as a command (its ``__main__`` block, in this process) that skips the finished work."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -64,15 +64,26 @@ def _run_in_process(out: Path, models: Path) -> dict:
     return json.loads((out / "experiment.json").read_text(encoding="utf-8"))
 
 
-def _run_command(out: Path, models: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(EXPERIMENT), "--out", str(out), "--models", str(models), "--quick"],
-                          check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def _run_command(out: Path, models: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> dict:
+    """The script as ``python training/shapes/experiment.py ...`` runs it (its ``__main__`` block, its argv), in this
+    process: without training/shapes on sys.path and without its sibling modules imported, so that the
+    script's own path set-up is what imports them (an interpreter start-up would cost more than the rerun)."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != SHAPES])
+    for name in [n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "/").parent == SHAPES]:
+        monkeypatch.delitem(sys.modules, name)
+    argv = [str(EXPERIMENT), "--out", str(out), "--models", str(models), "--quick"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(EXPERIMENT), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "Table 2 (shapes world)" in printed and '"total"' in printed  # the tables and the timings
     return json.loads((out / "experiment.json").read_text(encoding="utf-8"))
 
 
-def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path: Path) -> None:
+def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "exp"
     record = _run_in_process(out, stand_in_models)
 
@@ -83,7 +94,9 @@ def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path:
         make_refl_data.check_not_held_out(prompt)
     assert (Path(record["refl_data"]["pairs"]) / "metadata.jsonl").is_file()
 
-    # four LoRAs, 2 steps each
+    # four LoRAs, 2 steps each, of the quick 4-step chain; the evaluation samples 4 steps too
+    assert record["refl_common"]["num_inference_steps"] == 4 and record["refl_common"]["grad_step_range"] == [3, 4]
+    assert record["eval_steps"] == 4
     assert set(record["refl_runs"]) == {"refl-caption-likelihood", "refl-caption-scorefn", "refl-clip", "refl-blip"}
     for run in record["refl_runs"].values():
         assert Path(run["lora"]).is_file() and run["steps"] == 2 and not run["skipped"]
@@ -115,7 +128,7 @@ def test_quick_experiment_end_to_end_and_resume(stand_in_models: Path, tmp_path:
 
     # the command line, rerun: it skips finished work (no training, no generation) and gives the same numbers
     table2 = json.loads((out / "table2.json").read_text(encoding="utf-8"))
-    again = _run_command(out, stand_in_models)
+    again = _run_command(out, stand_in_models, monkeypatch, capsys)
     assert all(r["skipped"] for r in again["refl_runs"].values())
     assert all(c["generated"] == 0 for c in again["evaluation"]["configs"].values())
     assert again["timings"] == record["timings"] and "total" in again["timings_rerun"]  # the working run's times

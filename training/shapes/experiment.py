@@ -26,7 +26,7 @@ Steps (each resumable: rerunning skips finished work):
    ``experiment.json`` (settings and timings).
 
 ``--models DIR`` is a folder with ``pipeline/``, ``clip/``, ``blip2-captioner/`` and ``blip2-itm/`` (default:
-the shipped ``realign_pipeline/assets/shapes``). ``--quick`` (the test): 4 prompts, 1 seed, 2 ReFL steps.
+the shipped ``realign_pipeline/assets/shapes``). ``--quick`` (the test): 4 prompts, 1 seed, 2 ReFL steps, 4-step chains (:data:`QUICK`).
 """
 
 from __future__ import annotations
@@ -89,8 +89,13 @@ REFL_RUNS: dict[str, dict[str, Any]] = {
     "refl-blip": {"reward": "blip", "reward_weight": 2.0},
 }
 
-FULL = {"refl_steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512, "num_prompts": 256}
-QUICK = {"refl_steps": 2, "seeds": [0], "limit": 4, "num_images": 16, "num_prompts": 16}
+FULL = {"refl_steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512, "num_prompts": 256,
+        "refl_overrides": {}, "eval_steps": None}
+#: The smoke test: 4 prompts, 1 seed, 2 ReFL steps, and a 4-step chain everywhere (the ReFL rollouts take the
+#: gradient at their last step; the evaluation samples 4 DDIM steps instead of the presets' 20): the same runs,
+#: files and tables, at a fraction of the sampling.
+QUICK = {"refl_steps": 2, "seeds": [0], "limit": 4, "num_images": 16, "num_prompts": 16,
+         "refl_overrides": {"num_inference_steps": 4, "grad_step_range": (3, 4)}, "eval_steps": 4}
 
 #: Table columns: (metrics.json entry, header).
 COLUMNS = (
@@ -222,17 +227,19 @@ def caption_reward_metric(models: dict[str, Path]):
     return metric
 
 
-def eval_configs(models: dict[str, Path], loras: dict[str, str]) -> list:
-    """base, + fine stage, and per LoRA + ReFL and both: :class:`EvalConfig` on the given pipeline folder."""
+def eval_configs(models: dict[str, Path], loras: dict[str, str], steps: int | None = None) -> list:
+    """base, + fine stage, and per LoRA + ReFL and both: :class:`EvalConfig` on the given pipeline folder
+    (`steps`: denoising steps instead of the presets' 20)."""
     from realign_pipeline.evaluation.configs import load_config
 
     pipeline = str(models["pipeline"])
-    configs = [load_config("shapes").replace(model=pipeline), load_config("shapes-realign").replace(model=pipeline)]
+    common = {"model": pipeline, **({} if steps is None else {"steps": int(steps)})}
+    configs = [load_config("shapes").replace(**common), load_config("shapes-realign").replace(**common)]
     for name, lora in loras.items():
-        configs.append(load_config("shapes-refl").replace(name=name, lora=lora, model=pipeline,
+        configs.append(load_config("shapes-refl").replace(name=name, lora=lora, **common,
                                                           description=f"shapes + ReFL LoRA {name}"))
         configs.append(load_config("shapes-refl+realign").replace(
-            name=f"{name}+realign", lora=lora, model=pipeline, description=f"shapes + ReFL LoRA {name} + fine stage"))
+            name=f"{name}+realign", lora=lora, **common, description=f"shapes + ReFL LoRA {name} + fine stage"))
     return configs
 
 
@@ -400,6 +407,7 @@ def run_experiment(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every number and figure of the shapes experiment into `out` (steps: the module docstring)."""
+    from realign_pipeline.evaluation.configs import load_config
     from realign_pipeline.evaluation.run import run_evaluation
 
     torch.set_num_threads(1)
@@ -422,13 +430,14 @@ def run_experiment(
     runs = {}
     for name in REFL_RUNS:
         print(f"[experiment] ReFL {name}: {steps} step(s)", flush=True)
-        runs[name] = train_refl_run(name, paths, data, out / "refl", steps)
+        runs[name] = train_refl_run(name, paths, data, out / "refl", steps, preset["refl_overrides"] or None)
     timings["refl"] = {n: {k: r.get(k) for k in ("seconds", "seconds_per_step", "skipped")} for n, r in runs.items()}
 
     print("[experiment] evaluation", flush=True)
     eval_dir = out / "eval"
     result = run_evaluation(
-        eval_configs(paths, {n: r["folder"] for n, r in runs.items()}), heldout_records(limit), eval_dir,
+        eval_configs(paths, {n: r["folder"] for n, r in runs.items()}, preset["eval_steps"]), heldout_records(limit),
+        eval_dir,
         metrics=["shapes", "caption_reward"], seeds=seeds,
         batch_size=batch_size, device="cpu", dtype=torch.float32,
         model_paths={"caption_reward": caption_reward_metric(paths)}, progress=progress,
@@ -448,7 +457,9 @@ def run_experiment(
         "quick": quick,
         "models": {k: str(v) for k, v in paths.items()},
         "refl_steps": steps,
-        "refl_common": {k: list(v) if isinstance(v, tuple) else v for k, v in REFL_COMMON.items()},
+        "refl_common": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in {**REFL_COMMON, **preset["refl_overrides"]}.items()},
+        "eval_steps": preset["eval_steps"] or load_config("shapes").steps,
         "refl_runs": runs,
         "refl_data": data,
         "max_caption_tokens": MAX_CAPTION_TOKENS,
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (rerunning skips finished work)")
     parser.add_argument("--models", default=None,
                         help="folder with pipeline/, clip/, blip2-captioner/, blip2-itm/ (default: shipped assets)")
-    parser.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 2 ReFL steps (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 2 ReFL steps, 4-step chains (a smoke test)")
     parser.add_argument("--refl-steps", type=int, default=None, help=f"ReFL steps per run (default {FULL['refl_steps']})")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0 1 2)")
     parser.add_argument("--limit", type=int, default=None, help="a seeded subset of this many held-out prompts")
