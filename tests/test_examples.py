@@ -1,24 +1,44 @@
-"""Each script of examples/ run as a user runs it (a subprocess), with --tiny: tiny random offline models."""
+"""Each script of examples/ run as a user runs it, with --tiny: tiny random offline models.
+
+A script runs through its ``__main__`` block with its own ``sys.argv`` and environment (``runpy``), in the test's
+process: an interpreter start-up (torch, diffusers, transformers imports) per script cost more than the scripts.
+The console entry point in a fresh process is tests/test_cli.py::test_demo_as_a_user_runs_it."""
 
 import json
 import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(script: str, *argv: str, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("OPENAI_")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_extra})
-    result = subprocess.run([sys.executable, str(EXAMPLES / script), *argv], capture_output=True, text=True,
-                            env=env, timeout=240, check=False)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+@pytest.fixture()
+def run_example(monkeypatch, capsys):
+    """``run_example(script, *argv, **env)``: the script's ``__main__`` block with ``sys.argv = [script, *argv]``,
+    ``env`` set, no ``OPENAI_*`` variables and the hub offline; returns its ``stdout`` / ``stderr``."""
+
+    def run(script: str, *argv: str, **env_extra: str) -> SimpleNamespace:
+        with monkeypatch.context() as patch:
+            for key in [key for key in os.environ if key.startswith("OPENAI_")]:
+                patch.delenv(key)
+            for key, value in {"HF_HUB_OFFLINE": "1", **env_extra}.items():
+                patch.setenv(key, value)
+            patch.setattr(sys, "argv", [str(EXAMPLES / script), *argv])
+            capsys.readouterr()
+            try:
+                runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+            except SystemExit as exit_:
+                assert exit_.code in (None, 0), f"{script} exited with {exit_.code}:\n{capsys.readouterr()}"
+            captured = capsys.readouterr()
+        return SimpleNamespace(stdout=captured.out, stderr=captured.err)
+
+    return run
 
 
 def image(path: Path, size: int = 32) -> np.ndarray:
@@ -38,7 +58,7 @@ def test_every_example_has_help_and_a_tiny_option():
         assert "--tiny" in source and source.startswith('"""')
 
 
-def test_layout_generate(tmp_path):
+def test_layout_generate(run_example, tmp_path):
     run_example("layout_generate.py", "--tiny", "--out", str(tmp_path))
     plain, realigned = image(tmp_path / "plain.png"), image(tmp_path / "realigned.png")
     assert np.abs(plain - realigned).max() > 0  # the layout changed the image from the same noise
@@ -46,7 +66,7 @@ def test_layout_generate(tmp_path):
     assert [region["phrase"] for region in layout["regions"]] == ["red book", "yellow vase"]
 
 
-def test_realign_generate_with_the_rule_based_llm(tmp_path):
+def test_realign_generate_with_the_rule_based_llm(run_example, tmp_path):
     result = run_example("realign_generate.py", "--out", str(tmp_path), REALIGNDIFF_EXAMPLES_TINY="1")
     image(tmp_path / "coarse.png")
     image(tmp_path / "realigned.png")
@@ -55,7 +75,7 @@ def test_realign_generate_with_the_rule_based_llm(tmp_path):
     assert "realigned: True" in result.stdout
 
 
-def test_realign_generate_with_an_openai_compatible_server(tmp_path, chat_server):
+def test_realign_generate_with_an_openai_compatible_server(run_example, tmp_path, chat_server):
     answer = {"objects": [{"tag": "book", "score": 2, "phrase": "red book"},
                           {"tag": "vase", "score": 0.5, "phrase": "yellow vase"}]}
     chat_server.reply(json.dumps(answer))  # every request gets this answer
@@ -67,13 +87,13 @@ def test_realign_generate_with_an_openai_compatible_server(tmp_path, chat_server
     assert scores == {"red book": 2.0, "yellow vase": 0.5}  # the server's answer, not the rule-based one
 
 
-def test_load_refl_lora(tmp_path):
+def test_load_refl_lora(run_example, tmp_path):
     result = run_example("load_refl_lora.py", "--tiny", "--out", str(tmp_path))
     assert np.abs(image(tmp_path / "base.png") - image(tmp_path / "lora.png")).max() > 0
     assert "loaded LoRA" in result.stdout
 
 
-def test_prompt_sets():
+def test_prompt_sets(run_example):
     listing = run_example("prompt_sets.py").stdout
     assert "cc500" in listing and " 446 " in listing and "abc6k" in listing
     table = run_example("prompt_sets.py", "cc500", "--limit", "3", "--tiny").stdout.splitlines()
@@ -81,7 +101,7 @@ def test_prompt_sets():
     assert table[-1].startswith("3 prompts")
 
 
-def test_evaluate_prompt_set_prints_the_table(tmp_path):
+def test_evaluate_prompt_set_prints_the_table(run_example, tmp_path):
     result = run_example("evaluate_prompt_set.py", "--tiny", "--out", str(tmp_path))
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny")]
     assert [row.split("|")[1].strip() for row in rows] == ["tiny", "tiny+realign"]
