@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from realign_pipeline.training.refl import guided_model_output
+from realign_pipeline.training.refl import guided_model_output, repeat_added_conditioning
 
 __all__ = ["DraftOutputs", "denoise_steps", "draft_latents"]
 
@@ -56,6 +56,8 @@ def denoise_steps(
     guidance_scale: float | None = None,
     negative_hidden_states: torch.Tensor | None = None,
     checkpoint: bool = False,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``scheduler.step`` over ``timesteps`` in order from ``latents``, in the caller's grad mode.
 
@@ -63,11 +65,14 @@ def denoise_steps(
     with classifier-free guidance when ``guidance_scale > 1`` and ``negative_hidden_states`` are given), then
     ``scheduler.step(...).prev_sample``. With ``checkpoint`` and gradient enabled, the UNet call (and the
     guidance mix) runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. The scheduler must
-    already be set to the chain's number of steps.
+    already be set to the chain's number of steps. SDXL's added conditioning (``added_cond_kwargs``, with
+    ``negative_added_cond_kwargs`` for guidance) goes to every UNet call.
     """
     for t in timesteps:
         inp = scheduler.scale_model_input(latents, t)
         args = (unet, inp, t, encoder_hidden_states, guidance_scale, negative_hidden_states)
+        if added_cond_kwargs is not None:
+            args += (added_cond_kwargs, negative_added_cond_kwargs)
         if checkpoint and torch.is_grad_enabled():
             out = _checkpoint(guided_model_output, *args, use_reentrant=False)
         else:
@@ -88,6 +93,8 @@ def draft_latents(
     checkpoint: bool = False,
     lv_samples: int = 0,
     generator: torch.Generator | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> DraftOutputs:
     """The DRaFT pass in latent space: ``T - K`` steps without gradient, the last ``K`` with gradient.
 
@@ -101,6 +108,10 @@ def draft_latents(
     denoised by one step with gradient; ``x0`` then has ``n * batch`` rows, sample-major
     (``[sample 1 of every prompt, sample 2 of every prompt, ...]``), to be scored against the prompts repeated
     ``n`` times -- the mean over rows is the mean over the n samples.
+
+    SDXL: ``added_cond_kwargs`` (``{"text_embeds": pooled, "time_ids": ...}``, one row per prompt) and, for
+    guidance, ``negative_added_cond_kwargs`` go to every UNet call (repeated ``n`` times with DRaFT-LV's rows).
+    ``None`` (SD 1.x/2.x): the UNet gets no ``added_cond_kwargs``.
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
@@ -113,6 +124,8 @@ def draft_latents(
         raise ValueError(f"lv_samples {lv_samples}: DRaFT-LV needs lv_samples >= 1 and backprop_steps 1")
     first = steps - backprop_steps
     guide = {"guidance_scale": guidance_scale, "negative_hidden_states": negative_hidden_states}
+    if added_cond_kwargs is not None:
+        guide.update(added_cond_kwargs=added_cond_kwargs, negative_added_cond_kwargs=negative_added_cond_kwargs)
     latents = latents * scheduler.init_noise_sigma
     with torch.no_grad():
         prefix = timesteps if lv_samples else timesteps[:first]
@@ -127,7 +140,13 @@ def draft_latents(
         noisy = scheduler.add_noise(latents.repeat(lv_samples, 1, 1, 1), noise, t.reshape(1))
         cond = encoder_hidden_states.repeat(lv_samples, 1, 1)
         neg = None if negative_hidden_states is None else negative_hidden_states.repeat(lv_samples, 1, 1)
-        x0 = denoise_steps(unet, scheduler, noisy, [t], cond, guidance_scale, neg, checkpoint=checkpoint)
+        added = {}
+        if added_cond_kwargs is not None:
+            added = {
+                "added_cond_kwargs": repeat_added_conditioning(added_cond_kwargs, lv_samples),
+                "negative_added_cond_kwargs": repeat_added_conditioning(negative_added_cond_kwargs, lv_samples),
+            }
+        x0 = denoise_steps(unet, scheduler, noisy, [t], cond, guidance_scale, neg, checkpoint=checkpoint, **added)
     else:
         x0 = denoise_steps(
             unet, scheduler, latents, timesteps[first:], encoder_hidden_states, **guide, checkpoint=checkpoint

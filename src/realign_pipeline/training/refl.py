@@ -3,7 +3,8 @@
 ``training/train_refl.py`` is the glue; everything a reviewer needs to check the method is here, in small
 functions a test can call on tiny models:
 
-- :func:`guided_model_output` -- one UNet call, with classifier-free guidance when it is on;
+- :func:`guided_model_output` -- one UNet call, with classifier-free guidance when it is on (and SDXL's added
+  conditioning, the pooled embedding and time ids, when given: :func:`added_conditioning`);
 - :func:`predict_x0` -- x0 straight from one UNet output (epsilon, v-prediction or sample);
 - :func:`refl_latents` -- the no-grad rollout to the drawn step index, then ONE UNet call with gradient at
   the scheduler's timestep ``timesteps[i]``, as ImageReward's public ReFL.py does since its July 2023 "fix typo
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ReflOutputs",
+    "added_conditioning",
     "draw_grad_step",
     "guided_model_output",
     "hinge_reward_loss",
@@ -31,6 +33,7 @@ __all__ = [
     "pretrain_loss",
     "refl_latents",
     "refl_step_loss",
+    "repeat_added_conditioning",
 ]
 
 
@@ -70,6 +73,22 @@ def draw_grad_step(
     return int(torch.randint(lo, hi, (1,), generator=generator).item())
 
 
+def added_conditioning(added_cond_kwargs: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """The UNet's keyword arguments for SDXL's added conditioning: ``{"added_cond_kwargs": ...}``, or ``{}``
+    for ``None`` (Stable Diffusion 1.x/2.x, whose UNet is then called exactly as before)."""
+    return {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+
+
+def repeat_added_conditioning(
+    added_cond_kwargs: dict[str, torch.Tensor] | None, times: int
+) -> dict[str, torch.Tensor] | None:
+    """Each tensor of SDXL's added conditioning repeated ``times`` along the batch, as ``tensor.repeat`` does
+    (``[rows, rows, ...]``); ``None`` stays ``None``."""
+    if added_cond_kwargs is None:
+        return None
+    return {key: value.repeat(times, *([1] * (value.dim() - 1))) for key, value in added_cond_kwargs.items()}
+
+
 def guided_model_output(
     unet: Callable,
     model_input: torch.Tensor,
@@ -77,22 +96,36 @@ def guided_model_output(
     encoder_hidden_states: torch.Tensor,
     guidance_scale: float | None = None,
     negative_hidden_states: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One UNet call on an already scaled input, with classifier-free guidance when it is on.
 
     Guidance is on when ``guidance_scale > 1`` and ``negative_hidden_states`` is given: one call on the
     doubled batch ``[negative, cond]``, then ``uncond + guidance_scale * (cond - uncond)``. Otherwise the
     conditional call alone. Differentiable when called with gradient.
+
+    SDXL: ``added_cond_kwargs`` (``{"text_embeds": pooled, "time_ids": ...}``, one row per image) goes to the
+    UNet with the conditional rows; with guidance the doubled batch gets ``[negative_added_cond_kwargs,
+    added_cond_kwargs]`` (the negative defaulting to the conditional one, e.g. for the time ids). Without them
+    (``None``, SD 1.x/2.x) the UNet is called with no ``added_cond_kwargs`` at all.
     """
     if guidance_scale is not None and guidance_scale > 1 and negative_hidden_states is not None:
+        added = None
+        if added_cond_kwargs is not None:
+            negative = {**added_cond_kwargs, **(negative_added_cond_kwargs or {})}
+            added = {key: torch.cat([negative[key], value]) for key, value in added_cond_kwargs.items()}
         out = unet(
             torch.cat([model_input, model_input]),
             timestep,
             encoder_hidden_states=torch.cat([negative_hidden_states, encoder_hidden_states]),
+            **added_conditioning(added),
         ).sample
         uncond, cond = out.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
-    return unet(model_input, timestep, encoder_hidden_states=encoder_hidden_states).sample
+    return unet(
+        model_input, timestep, encoder_hidden_states=encoder_hidden_states, **added_conditioning(added_cond_kwargs)
+    ).sample
 
 
 @dataclass
@@ -111,6 +144,8 @@ def refl_latents(
     grad_step: int,
     guidance_scale: float | None = None,
     negative_hidden_states: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> ReflOutputs:
     """The ReFL pass in latent space: ``grad_step`` no-grad denoising steps, then one UNet call with gradient.
 
@@ -118,6 +153,8 @@ def refl_latents(
     Classifier-free guidance (``guidance_scale > 1`` with ``negative_hidden_states``) is used in the no-grad
     rollout only; the gradient call is conditional only, as in ImageReward's ReFL. The UNet is called with
     ``scheduler.timesteps[grad_step]`` -- the timestep value -- and x0 comes from :func:`predict_x0`.
+    SDXL's added conditioning (pooled embedding, time ids) goes to every UNet call, as in
+    :func:`guided_model_output`.
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
@@ -129,13 +166,22 @@ def refl_latents(
             t = timesteps[i]
             inp = scheduler.scale_model_input(latents, t)
             out = guided_model_output(
-                unet, inp, t, encoder_hidden_states, guidance_scale, negative_hidden_states
+                unet,
+                inp,
+                t,
+                encoder_hidden_states,
+                guidance_scale,
+                negative_hidden_states,
+                added_cond_kwargs,
+                negative_added_cond_kwargs,
             )
             latents = scheduler.step(out, t, latents).prev_sample
     latents = latents.detach()
     t = timesteps[grad_step]
     inp = scheduler.scale_model_input(latents, t)
-    out = unet(inp, t, encoder_hidden_states=encoder_hidden_states).sample
+    out = unet(
+        inp, t, encoder_hidden_states=encoder_hidden_states, **added_conditioning(added_cond_kwargs)
+    ).sample
     x0 = predict_x0(scheduler, out, t, latents)
     return ReflOutputs(x0=x0, grad_step=grad_step, timestep=int(t))
 
@@ -156,8 +202,11 @@ def pretrain_loss(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``L_pre``: the standard denoising loss (MSE to the epsilon / v target) on clean latents of real images."""
+    """``L_pre``: the standard denoising loss (MSE to the epsilon / v target) on clean latents of real images.
+
+    ``added_cond_kwargs``: SDXL's pooled embeddings and time ids of the pairs (``None`` for SD 1.x/2.x)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
     bsz = latents.shape[0]
     steps = noise_scheduler.config.num_train_timesteps
@@ -170,7 +219,9 @@ def pretrain_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}")
-    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    pred = unet(
+        noisy, timesteps, encoder_hidden_states=encoder_hidden_states, **added_conditioning(added_cond_kwargs)
+    ).sample
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
