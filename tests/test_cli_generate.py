@@ -1,13 +1,22 @@
-"""`realigndiff generate` run as a user runs it (a subprocess) on tiny random models saved to folders: the
-captioned (realign) path, the hand-layout path with a prompt file, each actionable error, --help; and the two
-pictures (Figure 6 panel, Figure 7 maps) drawn directly."""
+"""`realigndiff generate` run as a user runs it, on tiny random models saved to folders: the captioned (realign)
+path, the hand-layout path with a prompt file, each actionable error, --help; and the two pictures (Figure 6
+panel, Figure 7 maps) drawn directly.
+
+The command runs through the console script's ``main`` in this process, with its own environment, its exit code
+and what it prints to stdout and stderr (warnings included, once per place as in a fresh process) read back like
+a subprocess's: an interpreter start-up per command cost more than the command. The entry point in a fresh
+process is tests/test_cli.py::test_demo_as_a_user_runs_it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
-import sys
+import traceback
+import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,10 +38,35 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", *argv],
-        check=False, capture_output=True, text=True, env=env or _env(), timeout=300,
-    )
+    """``realigndiff *argv`` with the environment `env` (default :func:`_env`; ``CUDA_VISIBLE_DEVICES=""``
+    hides the GPU from torch too), as ``python -m realign_pipeline.cli`` would run it: the exit code (an uncaught
+    exception is 1 with its traceback on stderr), stdout, and stderr with the warnings shown."""
+    import huggingface_hub.constants
+    import torch
+
+    env = env or _env()
+    out, err = io.StringIO(), io.StringIO()
+    patches = [mock.patch.dict(os.environ, env, clear=True),
+               mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", env.get("HF_HUB_OFFLINE") == "1")]
+    if env.get("CUDA_VISIBLE_DEVICES") == "":
+        patches.append(mock.patch.object(torch.cuda, "is_available", lambda: False))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("default")  # as a fresh interpreter shows them: once per place
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except Exception:  # noqa: BLE001 - what the interpreter would print, and its exit code
+            traceback.print_exc(file=err)
+            code = 1
+    for warning in caught:
+        err.write(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno))
+    return subprocess.CompletedProcess(["realigndiff", *argv], code, out.getvalue(), err.getvalue())
 
 
 def _not_blank(path) -> Image.Image:
