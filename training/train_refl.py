@@ -14,6 +14,13 @@ latents and back-propagate the reward through all K steps; K = T is the full cha
 ``--checkpoint_denoising_steps`` recomputes each step's UNet call in the backward pass, and
 ``--backprop_steps 1 --draft_lv_samples N`` is DRaFT-LV. The math is in ``realign_pipeline.training.draft``.
 
+Stable Diffusion XL: when the checkpoint's ``model_index.json`` names ``StableDiffusionXLPipeline`` (or
+``RealignDiffXLPipeline``), the same steps run on SDXL's UNet with its added conditioning (both text encoders'
+context, the pooled embedding and the time ids, ``realign_pipeline.training.sdxl``), the VAE in float32 unless
+``--pretrained_vae_model_name_or_path`` gives one that is safe in half precision (as diffusers'
+``train_text_to_image_lora_sdxl.py``), images at 1024 px unless ``--resolution`` says otherwise, and LoRA weights
+saved with ``StableDiffusionXLPipeline.save_lora_weights``.
+
 Flags and habits follow diffusers' ``examples/text_to_image/train_text_to_image_lora.py``. The step math
 lives in ``realign_pipeline.training.refl``; the data readers in ``realign_pipeline.training.data``. See
 ``docs/training.md``.
@@ -34,6 +41,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,7 @@ from realign_pipeline.training.refl import (
     refl_latents,
     refl_step_loss,
 )
+from realign_pipeline.training.sdxl import encode_prompt_xl, is_sdxl, read_model_index, time_ids
 
 logger = get_logger("train_refl")
 
@@ -63,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--revision", type=str, default=None)
     p.add_argument("--variant", type=str, default=None)
     p.add_argument("--cache_dir", type=str, default=None)
+    p.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the checkpoint's (a VAE folder or hub id, or a pipeline folder with vae/), "
+        "e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in half precision. Without it an SDXL VAE runs in float32.",
+    )
     # reward
     p.add_argument("--reward", choices=REWARDS, default="caption")
     p.add_argument(
@@ -167,7 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--image_column", type=str, default="image")
     p.add_argument("--caption_column", type=str, default="text")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument(
+        "--resolution", type=int, default=None, help="Image size of L_pre and the ReFL images (default 512; SDXL: 1024)."
+    )
     p.add_argument("--center_crop", action="store_true")
     p.add_argument("--random_flip", action="store_true")
     # training
@@ -287,6 +305,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
             args.report_to = None
     args.local_rank = env_local_rank
+    # SDXL or SD 1.x/2.x, from the checkpoint's model_index.json (SD when it cannot be read)
+    args.sdxl = is_sdxl(read_model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir))
+    if args.resolution is None:
+        args.resolution = 1024 if args.sdxl else 512
     return args
 
 
@@ -331,11 +353,24 @@ def make_reward(args: argparse.Namespace):
 
 def image_transform(resolution: int, center_crop: bool, random_flip: bool):
     """PIL -> (3, R, R) tensor in [-1, 1]: resize shortest side, crop, optional flip (no torchvision)."""
+    tf = image_transform_with_crop(resolution, center_crop, random_flip)
+
+    def tensor_only(img: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        return tf(img, generator)[0]
+
+    return tensor_only
+
+
+def image_transform_with_crop(resolution: int, center_crop: bool, random_flip: bool):
+    """:func:`image_transform` that also says what SDXL's time ids need: ``(tensor, original (height, width),
+    crop (top, left))``, the crop's corner in the resized image (mirrored for a flipped image). The same random
+    draws as :func:`image_transform`, so both give the same tensor for the same generator."""
     import numpy as np
     from PIL import Image
 
-    def tf(img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def tf(img: Image.Image, generator: torch.Generator | None = None):
         w, h = img.size
+        original = (h, w)
         s = resolution / min(w, h)
         img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
         w, h = img.size
@@ -348,7 +383,8 @@ def image_transform(resolution: int, center_crop: bool, random_flip: bool):
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         if random_flip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
-        return x
+            left = w - resolution - left
+        return x, original, (top, left)
 
     return tf
 
@@ -394,17 +430,28 @@ def list_checkpoints(output_dir: str) -> list[str]:
     )
 
 
-def save_lora(unet: Any, output_dir: str) -> None:
-    """The UNet's LoRA layers to ``pytorch_lora_weights.safetensors``, for ``load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet: Any, output_dir: str, sdxl: bool = False) -> None:
+    """The UNet's LoRA layers to ``pytorch_lora_weights.safetensors``, for ``load_lora_weights``
+    (``StableDiffusionXLPipeline``'s with ``sdxl``, ``StableDiffusionPipeline``'s otherwise)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionPipeline.save_lora_weights(
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
         output_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         safe_serialization=True,
     )
+
+
+def load_vae(name_or_path: str) -> Any:
+    """``--pretrained_vae_model_name_or_path``: a VAE folder or hub id (``config.json`` at its top), or a pipeline
+    folder with ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    local = Path(name_or_path)
+    subfolder = "vae" if (local / "vae" / "config.json").is_file() and not (local / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
 
 
 def save_checkpoint(
@@ -461,25 +508,42 @@ def validate(
     tokenizer: Any,
     unet: Any,
     scheduler: Any,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
 ) -> list[str]:
     """Images of ``--validation_prompts`` under ``output_dir/validation/`` (and to tensorboard); their paths.
 
-    ``unet`` is the unwrapped model; it is put back in training mode afterwards. Main process only.
+    ``unet`` is the unwrapped model; it is put back in training mode afterwards. Main process only. With
+    ``text_encoder_2`` and ``tokenizer_2`` (SDXL) the images come from ``StableDiffusionXLPipeline``.
     """
     if not args.validation_prompts or not accelerator.is_main_process:
         return []
-    from diffusers import StableDiffusionPipeline
+    if text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     out_dir = Path(args.output_dir) / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -554,6 +618,8 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         else "full UNet fine-tuning" + (" + EMA" if args.use_ema else "")
     )
     method = "ReFL" if not args.backprop_steps else "DRaFT"
+    sdxl = getattr(args, "sdxl", False)
+    settings = MODEL_CARD_SETTINGS + (("sdxl", "pretrained_vae_model_name_or_path") if sdxl else ())
     lines = [
         f"# {method} fine-tune of {base} ({kind})",
         "",
@@ -564,7 +630,7 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         "",
         "| setting | value |",
         "|---|---|",
-        *(f"| {k} | {getattr(args, k)} |" for k in MODEL_CARD_SETTINGS),
+        *(f"| {k} | {getattr(args, k)} |" for k in settings),
         f"| effective batch | {stats.get('effective_batch')} |",
         f"| steps done | {stats.get('global_step')} |",
         f"| skipped non-finite steps | {stats.get('skipped_nonfinite')} |",
@@ -573,15 +639,16 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
     ]
     if images:
         lines += ["## Validation images", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    pipeline = "RealignDiffXLPipeline" if sdxl else "RealignDiffPipeline"
     load = (
         [
-            f'pipe = RealignDiffPipeline.from_pretrained("{base}")',
+            f'pipe = {pipeline}.from_pretrained("{base}")',
             'pipe.load_lora_weights("<this folder or repo>")',
         ]
         if args.use_lora
-        else ['pipe = RealignDiffPipeline.from_pretrained("<this folder or repo>")']
+        else [f'pipe = {pipeline}.from_pretrained("<this folder or repo>")']
     )
-    lines += ["## Use", "", "```python", "from realign_pipeline import RealignDiffPipeline", *load, "```", ""]
+    lines += ["## Use", "", "```python", f"from realign_pipeline import {pipeline}", *load, "```", ""]
     # diffusers' training template, as load_or_create_model_card builds it when the repo has no card yet. That
     # function would first fetch the repo's card from the Hub: an earlier push's card instead of this run's, or,
     # offline, a wait through the request's retries.
@@ -591,6 +658,8 @@ def save_model_card(args: argparse.Namespace, stats: dict, images: list[str]) ->
         model_description="\n".join(lines),
     )
     tags = ["stable-diffusion", "text-to-image", "diffusers", "realigndiff", method.lower()]
+    if sdxl:
+        tags.insert(1, "stable-diffusion-xl")
     card = populate_model_card(card, tags=tags + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
 
@@ -663,18 +732,39 @@ def main(
 
     # ---- models
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    sdxl = getattr(args, "sdxl", False)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
+    custom_vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if custom_vae:
+        vae = load_vae(custom_vae)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    rollout_scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    if sdxl:
+        # SDXL ships Euler; the rollout is DDIM on its noise schedule (x0 from alphas_cumprod, as for SD), without
+        # DDIM's x0 clipping, which SDXL's own sampler does not do
+        rollout_scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", clip_sample=False)
+    else:
+        rollout_scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
+    tokenizer_2 = text_encoder_2 = None
+    if sdxl:
+        from transformers import CLIPTextModelWithProjection
+
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", revision=rev, variant=var
+        )
+        text_encoder_2.requires_grad_(False)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
+    # SDXL's VAE overflows in float16: float32 unless --pretrained_vae_model_name_or_path gives a safe one
+    vae_dtype = torch.float32 if sdxl and not custom_vae else weight_dtype
     if args.use_lora:
         from peft import LoraConfig
 
@@ -700,8 +790,10 @@ def main(
         if args.use_ema
         else None
     )
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if text_encoder_2 is not None:
+        text_encoder_2.to(accelerator.device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.vae_gradient_checkpointing:
@@ -716,7 +808,7 @@ def main(
         for model in models:
             m = accelerator.unwrap_model(model)
             if args.use_lora:
-                save_lora(m, output_dir)
+                save_lora(m, output_dir, sdxl=sdxl)
             else:
                 m.save_pretrained(os.path.join(output_dir, "unet"))
             if weights:
@@ -725,14 +817,14 @@ def main(
             ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_model_hook(models, input_dir):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
         while models:
             model = accelerator.unwrap_model(models.pop())
             if args.use_lora:
-                sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                sd, _ = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).lora_state_dict(input_dir)
                 sd = {k.replace("unet.", "", 1): v for k, v in sd.items() if k.startswith("unet.")}
                 incompatible = set_peft_model_state_dict(
                     model, convert_unet_state_dict_to_peft(sd), adapter_name="default"
@@ -782,6 +874,7 @@ def main(
     prompt_stream = RowStream(prompts, seed, rank, world)
     pair_stream = RowStream(pairs, seed + 1, rank, world, load=_pair_loader) if pairs is not None else None
     transform = image_transform(args.resolution, args.center_crop, args.random_flip)
+    transform_with_crop = image_transform_with_crop(args.resolution, args.center_crop, args.random_flip)
 
     if accelerator.is_main_process and args.report_to:
         cfg = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in vars(args).items()}
@@ -834,8 +927,29 @@ def main(
         with torch.no_grad():
             return text_encoder(ids)[0]
 
-    negative = encode([""]) if args.rollout_guidance_scale and args.rollout_guidance_scale > 1 else None
+    negative = encode([""]) if args.rollout_guidance_scale and args.rollout_guidance_scale > 1 and not sdxl else None
     latent_hw = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+
+    # ---- SDXL: both encoders' context, the pooled embedding and the time ids (added conditioning)
+    def encode_xl(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompt_xl(texts, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), accelerator.device)
+
+    size = (args.resolution, args.resolution)
+    rollout_time_ids = time_ids([size], [(0, 0)], size, accelerator.device, weight_dtype) if sdxl else None
+    negative_xl = None  # (context, pooled) of the empty prompt, for a guided rollout
+    if sdxl and args.rollout_guidance_scale and args.rollout_guidance_scale > 1:
+        model_index = read_model_index(path, rev, args.cache_dir) or {}
+        if model_index.get("force_zeros_for_empty_prompt", True):  # SDXL's default: zeros, not encode("")
+            context, pooled = encode_xl([""])
+            negative_xl = (torch.zeros_like(context), torch.zeros_like(pooled))
+        else:
+            negative_xl = encode_xl([""])
+
+    def vae_precision():
+        """Autocast off around an SDXL VAE kept in float32 under mixed precision, so it really runs in float32."""
+        if vae_dtype == torch.float32 and weight_dtype != torch.float32:
+            return torch.autocast(accelerator.device.type, enabled=False)
+        return nullcontext()
 
     def unwrapped_unet():
         return accelerator.unwrap_model(unet)
@@ -848,6 +962,8 @@ def main(
         "unet": unwrapped_unet(),
         "scheduler": rollout_scheduler,
     }
+    if sdxl:
+        validation_models.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
     # ---- training loop
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
@@ -864,7 +980,17 @@ def main(
             gen = step_generator(seed, micro_step, rank)
             micro_step += 1
             batch_prompts = prompt_stream.next_batch(args.train_batch_size)
-            cond = encode(batch_prompts)
+            added: dict[str, Any] = {}  # SDXL's added conditioning for the rollout; none for SD
+            if sdxl:
+                cond, pooled = encode_xl(batch_prompts)
+                added["added_cond_kwargs"] = {
+                    "text_embeds": pooled,
+                    "time_ids": rollout_time_ids.expand(len(batch_prompts), -1),
+                }
+                if negative_xl is not None:
+                    added["negative_added_cond_kwargs"] = {"text_embeds": negative_xl[1].expand_as(pooled)}
+            else:
+                cond = encode(batch_prompts)
             # ReFL pass, or DRaFT's chain (Eq. 5 first term)
             i = (
                 None
@@ -875,6 +1001,8 @@ def main(
                 (len(batch_prompts), unwrapped_unet().config.in_channels, latent_hw, latent_hw), generator=gen
             ).to(accelerator.device, weight_dtype)
             negative_batch = None if negative is None else negative.expand_as(cond)
+            if negative_xl is not None:
+                negative_batch = negative_xl[0].expand_as(cond)
             reward_prompts = batch_prompts
             with accelerator.autocast():
                 if args.backprop_steps:
@@ -890,6 +1018,7 @@ def main(
                         checkpoint=args.checkpoint_denoising_steps,
                         lv_samples=args.draft_lv_samples,
                         generator=gen,
+                        **added,
                     )
                     grad_step, grad_timestep = out.first_grad_step, out.timestep
                     reward_prompts = batch_prompts * max(1, args.draft_lv_samples)  # x0's rows, sample-major
@@ -903,13 +1032,36 @@ def main(
                         i,
                         guidance_scale=args.rollout_guidance_scale,
                         negative_hidden_states=negative_batch,
+                        **added,
                     )
                     grad_step, grad_timestep = out.grad_step, out.timestep
-                pixels = decode(vae, out.x0.to(weight_dtype))
+                if sdxl:
+                    with vae_precision():
+                        pixels = decode(vae, out.x0.to(vae_dtype)).to(weight_dtype)
+                else:
+                    pixels = decode(vae, out.x0.to(weight_dtype))
                 objective = reward.objective(pixels, reward_prompts)
                 loss_refl = hinge_reward_loss(objective, args.reward_margin, args.reward_weight)
                 loss_pre = None
-                if pair_stream is not None and args.pretrain_loss_weight > 0:
+                if pair_stream is not None and args.pretrain_loss_weight > 0 and sdxl:
+                    rows = pair_stream.next_batch(args.train_batch_size)
+                    prepared = [transform_with_crop(im, gen) for im, _ in rows]
+                    px = torch.stack([x for x, _, _ in prepared]).to(accelerator.device, vae_dtype)
+                    with torch.no_grad(), vae_precision():
+                        lat = vae.encode(px).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+                    context, pooled_pairs = encode_xl([c for _, c in rows])
+                    pair_ids = time_ids(
+                        [o for _, o, _ in prepared], [c for _, _, c in prepared], size, accelerator.device, weight_dtype
+                    )
+                    loss_pre = pretrain_loss(
+                        unet,
+                        noise_scheduler,
+                        lat.to(weight_dtype),
+                        context,
+                        gen,
+                        added_cond_kwargs={"text_embeds": pooled_pairs, "time_ids": pair_ids},
+                    )
+                elif pair_stream is not None and args.pretrain_loss_weight > 0:
                     rows = pair_stream.next_batch(args.train_batch_size)
                     px = torch.stack([transform(im, gen) for im, _ in rows]).to(
                         accelerator.device, weight_dtype
@@ -990,7 +1142,18 @@ def main(
     if accelerator.is_main_process:
         final = unwrapped_unet()
         if args.use_lora:
-            save_lora(final, args.output_dir)
+            save_lora(final, args.output_dir, sdxl=sdxl)
+        elif sdxl:
+            from realign_pipeline import RealignDiffXLPipeline
+
+            if ema_unet is not None:
+                ema_unet.copy_to(final.parameters())
+            # the VAE trained with (a fresh copy: the one in memory may be in half precision)
+            components = {"vae": load_vae(custom_vae)} if custom_vae else {}
+            pipe = RealignDiffXLPipeline.from_pretrained(
+                path, unet=final, revision=rev, variant=var, add_watermarker=False, **components
+            )
+            pipe.save_pretrained(args.output_dir)
         else:
             from realign_pipeline import RealignDiffPipeline
 
