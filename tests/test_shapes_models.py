@@ -7,7 +7,6 @@ broken model, a wrong scheduler or a mis-wired loader fails them.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -112,36 +111,33 @@ def test_blip2_captioner_names_the_objects_it_sees():
     assert scores.mean() > wrong.mean()
 
 
-def test_generate_with_the_shapes_model_uses_its_own_captioner(tmp_path):
-    import subprocess
-    import sys
+def _cli(argv: list[str], capsys) -> str:
+    """``realigndiff *argv`` through the console script's ``main`` in this process (the entry point in a fresh
+    process is tests/test_cli.py::test_demo_as_a_user_runs_it); returns what it printed to stdout."""
+    from realign_pipeline.cli import main
 
-    result = subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", "generate", "a blue circle and a yellow square", "--model",
-         "shapes", "--steps", "10", "--height", "32", "--width", "32", "--out", str(tmp_path), "-q"],
-        check=False, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "using the dense captioner saved with the model" in result.stdout
+    capsys.readouterr()
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    return printed.out
+
+
+def test_generate_with_the_shapes_model_uses_its_own_captioner(tmp_path, capsys):
+    stdout = _cli(["generate", "a blue circle and a yellow square", "--model", "shapes", "--steps", "10", "--height",
+                   "32", "--width", "32", "--out", str(tmp_path), "-q"], capsys)
+    assert "using the dense captioner saved with the model" in stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "realign"
     folder = Path(summary["prompts"][0]["folder"])
     assert (folder / "image.png").exists() and (folder / "coarse.png").exists()
 
 
-def test_the_demo_draws_real_pictures_of_the_shapes_world(tmp_path):
-    import subprocess
-    import sys
-
+def test_the_demo_draws_real_pictures_of_the_shapes_world(tmp_path, capsys):
     import PIL.Image
 
-    result = subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--out", str(tmp_path), "-q"],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "what the checker sees" in result.stdout
+    stdout = _cli(["demo", "--out", str(tmp_path), "-q"], capsys)
+    assert "what the checker sees" in stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world"] == "shapes" and len(summary["images"]) == 4
     assert all(row["phrases"] for row in summary["images"])  # the captioner found the objects
@@ -162,21 +158,14 @@ def test_the_demo_draws_real_pictures_of_the_shapes_world(tmp_path):
     for seed in summary["seeds"]:
         reading = check_prompt(PIL.Image.open(tmp_path / f"coarse_{seed}.png").convert("RGB"), objects)
         assert reading["binding"] == 0 or reading["position"] == 0, seed
-    assert summary["measured_rates"]["binding"]["base_wrong"] > 0 and "measured on" in result.stdout
+    assert summary["measured_rates"]["binding"]["base_wrong"] > 0 and "measured on" in stdout
     assert (tmp_path / "layout_control.png").exists() and "plain" in summary["layout_control"]
 
 
-def test_the_demo_takes_a_prompt_outside_the_caption_forms(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--prompt", "a red square above a green circle",
-         "--out", str(tmp_path), "--steps", "5", "-q"],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "judges only the world's caption forms" in result.stdout
+def test_the_demo_takes_a_prompt_outside_the_caption_forms(tmp_path, capsys):
+    stdout = _cli(["demo", "--prompt", "a red square above a green circle", "--out", str(tmp_path), "--steps", "5",
+                   "-q"], capsys)
+    assert "judges only the world's caption forms" in stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(row["coarse"]["binding"] is None and isinstance(row["coarse"]["seen"], list) for row in summary["images"])
 
