@@ -232,18 +232,26 @@ def test_attention_grid_rows_and_missing_word():
 
 
 def test_demo_as_a_user_runs_it(tmp_path):
-    """The console entry point in a fresh process, as `make demo` runs it."""
+    """The console entry point in a fresh process, as `make demo` runs it; without torchvision installed it prints
+    no transformers warning about it (merged from test_cli_output.py's
+    test_the_demo_command_prints_no_torchvision_warning: a fresh process, since transformers warns once per process
+    and the warnings come from first imports; ``-q`` turns off only the progress bars)."""
+    import importlib.util
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "warning"}
     result = subprocess.run(
-        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--tiny", "--out", str(tmp_path), "--steps", "2", "-q"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [sys.executable, "-m", "realign_pipeline.cli", "demo", "--tiny", "--out", str(tmp_path / "out"), "--steps", "2",
+         "-q"],
+        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "out"
     for name in ("plain.png", "realigned.png", "panel.png", "attention_maps.png", "layout.json", "summary.json"):
-        assert (tmp_path / name).is_file(), name
-    _not_blank(tmp_path / "panel.png")
+        assert (out / name).is_file(), name
+    _not_blank(out / "panel.png")
     assert "RANDOM" in result.stdout.upper()
+    if importlib.util.find_spec("torchvision") is None:  # the warning appears only without torchvision
+        assert "requires torchvision" not in result.stderr + result.stdout

@@ -46,11 +46,7 @@ needs_no_torchvision = pytest.mark.skipif(
 )
 
 
-@needs_no_torchvision
-def test_the_demo_command_prints_no_torchvision_warning(tmp_path):
-    result = _run(["-m", "realign_pipeline.cli", "demo", "--tiny", "--steps", "1", "--out", str(tmp_path / "out")],
-                  tmp_path)
-    assert TORCHVISION_WARNING not in result.stderr + result.stdout
+# The demo command's run in a fresh process without the warning: tests/test_cli.py::test_demo_as_a_user_runs_it.
 
 
 @needs_no_torchvision
