@@ -188,8 +188,8 @@ def test_two_processes_and_help_through_the_command_line(config, tmp_path, capsy
 
 def test_presets_and_config_errors(tmp_path, sd_folder):
     assert set(PRESETS) == {"sd15", "refl", "realign", "refl+realign", "imagereward-refl", "densediffusion",
-                            "promptist", "sdxl", "shapes", "shapes-realign", "shapes-refl", "shapes-refl+realign"}
-    assert load_config("sdxl").pipeline == "auto" and load_config("promptist").promptist == "microsoft/Promptist"
+                            "promptist", "sdxl", "sdxl+realign", "shapes", "shapes-realign", "shapes-refl", "shapes-refl+realign"}
+    assert load_config("sdxl").pipeline == "realign-xl" and load_config("promptist").promptist == "microsoft/Promptist"
     assert load_config("refl+realign").realign and load_config("refl+realign").requires_checkpoint
     with pytest.raises(ValueError, match="presets: sd15, refl, realign, refl\\+realign"):
         load_config("sd14")
@@ -198,7 +198,7 @@ def test_presets_and_config_errors(tmp_path, sd_folder):
     with pytest.raises(ValueError, match="no such file or folder"):
         build_pipeline(load_config("refl").replace(model=sd_folder, lora="./missing-lora"), device="cpu")
     with pytest.raises(ValueError, match="need pipeline='realign'"):
-        load_config("sdxl").replace(realign=True)
+        load_config("sdxl").replace(pipeline="auto", realign=True)
     with pytest.raises(ValueError, match="unknown pipeline_kwargs"):
         load_config("sd15").replace(pipeline_kwargs={"cross_strength": 1})
     path = tmp_path / "mine.json"

@@ -57,13 +57,14 @@ Sharded: process k of n takes the prompts i with i % n == k (from accelerate whe
 """
 
 EVALUATE_GENERATE_EPILOG = f"""\
-presets: sd15, refl, realign, refl+realign, imagereward-refl, densediffusion, promptist, sdxl
+presets: sd15, refl, realign, refl+realign, imagereward-refl, densediffusion, promptist, sdxl, sdxl+realign
 
 examples:
   {PROG} evaluate generate --config sd15 --prompts cc500 --out outputs/eval/sd15
   {PROG} evaluate generate --config sd15 --prompts coco5k --limit 1000 --sample-seed 0 --out outputs/eval/coco
   {PROG} evaluate generate --config refl --lora outputs/refl-lora --prompts abc6k --out outputs/eval/refl
   {PROG} evaluate generate --config densediffusion --prompts t2icompbench-color --out outputs/eval/dd-color
+  {PROG} evaluate generate --config sdxl+realign --prompts cc500 --out outputs/eval/sdxl-realign
   {PROG} evaluate generate --config my_config.json --prompts my_prompts.txt --out outputs/eval/mine --seed 42
   {PROG} evaluate generate --config sd15 --prompts cc500 --out outputs/eval/sd15 --process-index 1 --num-processes 4
   accelerate launch -m realign_pipeline.evaluation --config sd15 --prompts cc500 --out outputs/eval/sd15

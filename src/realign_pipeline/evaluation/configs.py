@@ -27,6 +27,7 @@ from ..captioner.wrapper import CaptionerWrapper
 
 __all__ = [
     "DEFAULT_CAPTIONER",
+    "PIPELINES",
     "PRESETS",
     "SD15",
     "SDXL",
@@ -37,6 +38,8 @@ __all__ = [
     "build_pipeline",
     "check_checkpoint",
     "load_config",
+    "model_family",
+    "pipeline_class",
     "resolve_model",
 ]
 
@@ -47,7 +50,11 @@ PROMPTIST = "microsoft/Promptist"
 #: built (:func:`resolve_model`), so the presets exist even where the weights are not installed.
 SHAPES_MODEL = "shapes:pipeline"
 _SHAPES_PREFIX = "shapes:"
-PIPELINES = ("realign", "auto")
+#: ``EvalConfig.pipeline``: RealignDiff's pipeline for the model (SD 1.x/2.x, or SDXL when the model's
+#: ``model_index.json`` says so), RealignDiff's SDXL pipeline whatever the model says, or any diffusers pipeline.
+PIPELINES = ("realign", "realign-xl", "auto")
+#: The ``pipeline`` values that run RealignDiff (layouts, the fine stage, ``pipeline_kwargs``).
+REALIGN_PIPELINES = ("realign", "realign-xl")
 #: The dense captioner of the fine stage, as ``realigndiff generate`` builds it by default (the settings of
 #: :func:`~realign_pipeline.captioner.build_captioner`, which builds it).
 DEFAULT_CAPTIONER: dict[str, Any] = DEFAULT_CAPTIONER_SETTINGS
@@ -73,15 +80,17 @@ class EvalConfig:
         name: the configuration's name (the manifest's ``config`` field and the report's row label).
         model: diffusers hub id or local folder of the pipeline, or ``"shapes:pipeline"`` (:data:`SHAPES_MODEL`,
             the shipped shapes-world pipeline).
-        pipeline: ``"realign"`` (:class:`~realign_pipeline.RealignDiffPipeline`, Stable Diffusion 1.x/2.x) or
-            ``"auto"`` (``diffusers.DiffusionPipeline``: any pipeline, e.g. SD-XL; no fine stage).
+        pipeline: ``"realign"`` (:class:`~realign_pipeline.RealignDiffPipeline` for Stable Diffusion 1.x/2.x, or
+            :class:`~realign_pipeline.RealignDiffXLPipeline` when the model's ``model_index.json`` names an SDXL
+            pipeline), ``"realign-xl"`` (:class:`~realign_pipeline.RealignDiffXLPipeline`) or ``"auto"``
+            (``diffusers.DiffusionPipeline``: any pipeline; no fine stage).
         lora: a LoRA folder or hub id (e.g. a ReFL LoRA from ``train_refl.py --use_lora``).
         lora_scale: the LoRA's weight (``fuse_lora``-free: passed as ``cross_attention_kwargs={"scale": ...}``).
         unet: a fine-tuned UNet folder (``unet/config.json`` or ``config.json``), e.g. ReFL's full fine-tuning.
         realign: run the fine stage (coarse pass, dense captioner, fine pass with the captioned layouts).
         unit_scores: DenseDiffusion-style: every captioned region's score set to 1 (no Eq. 6 likelihoods).
         pipeline_kwargs: arguments of the pipeline call, e.g. ``cross_attention_strength``,
-            ``self_attention_strength`` (only with ``pipeline="realign"``).
+            ``self_attention_strength`` (only with ``pipeline="realign"`` or ``"realign-xl"``).
         captioner: the dense captioner's settings (keys of :data:`DEFAULT_CAPTIONER`); ``None`` uses the one
             saved with the model folder, else the defaults.
         promptist: a causal LM id or folder that rewrites every prompt first (``microsoft/Promptist``).
@@ -128,7 +137,7 @@ class EvalConfig:
             raise ValueError(f"{where}: pipeline must be one of {list(PIPELINES)}, got {self.pipeline!r}.")
         if self.pipeline == "auto" and (self.realign or self.unit_scores or self.pipeline_kwargs):
             raise ValueError(
-                f"{where}: realign, unit_scores and pipeline_kwargs need pipeline='realign' "
+                f"{where}: realign, unit_scores and pipeline_kwargs need pipeline='realign' (or 'realign-xl') "
                 "(a generic DiffusionPipeline has no layout-guided attention)."
             )
         if self.unit_scores and not self.realign:
@@ -204,7 +213,7 @@ class EvalConfig:
             kwargs["negative_prompt"] = self.negative_prompt
         if self.lora and self.lora_scale is not None:
             kwargs["cross_attention_kwargs"] = {"scale": float(self.lora_scale)}
-        if self.pipeline == "realign":
+        if self.pipeline in REALIGN_PIPELINES:
             kwargs.update(self.pipeline_kwargs)
             if self.realign:
                 kwargs["realign"] = True
@@ -222,8 +231,9 @@ _SHAPES: dict[str, Any] = {"model": SHAPES_MODEL, "dtype": "float32", "height": 
 
 
 #: The built-in configurations: the rows of Table 1 (``sd15``, ``imagereward-refl``, ``densediffusion``,
-#: ``promptist``, ``sdxl``, ``refl+realign`` = RealignDiff), the ablation's parts (``refl``, ``realign``) and the
-#: shapes-world ablation (``shapes``, ``shapes-realign``, ``shapes-refl``, ``shapes-refl+realign``).
+#: ``promptist``, ``sdxl``, ``refl+realign`` = RealignDiff), the ablation's parts (``refl``, ``realign``), SDXL
+#: with the fine stage (``sdxl+realign``) and the shapes-world ablation (``shapes``, ``shapes-realign``,
+#: ``shapes-refl``, ``shapes-refl+realign``).
 PRESETS: dict[str, EvalConfig] = {
     preset.name: preset
     for preset in (
@@ -249,8 +259,10 @@ PRESETS: dict[str, EvalConfig] = {
             pipeline_kwargs={"cross_attention_strength": 1.0, "self_attention_strength": 0.3},
         ),
         _preset("promptist", "Promptist: the prompt rewritten by microsoft/Promptist, then SD v1.5", promptist=PROMPTIST),
-        _preset("sdxl", "SD-XL base 1.0 (any diffusers pipeline id works with pipeline='auto')", model=SDXL,
-                pipeline="auto"),
+        _preset("sdxl", "SD-XL base 1.0 through RealignDiffXLPipeline without a layout (StableDiffusionXLPipeline's "
+                "images); any diffusers pipeline id works with pipeline='auto'", model=SDXL, pipeline="realign-xl"),
+        _preset("sdxl+realign", "SD-XL base 1.0 + the fine stage: dense captions + Eq. 8 attention modulation",
+                model=SDXL, pipeline="realign-xl", realign=True),
         _preset("shapes", "shapes world: the shipped tiny pipeline, coarse stage only", **_SHAPES),
         _preset("shapes-realign", "shapes world + the fine stage with the shapes dense captioner saved with the model",
                 realign=True, **_SHAPES),
@@ -339,11 +351,50 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def model_family(model: str) -> tuple[str | None, str | None]:
+    """``("xl" | "sd" | None, the _class_name)`` of a model folder or hub id, from its ``model_index.json``.
+
+    ``"xl"``: ``StableDiffusionXLPipeline`` or ``RealignDiffXLPipeline``; ``"sd"``: ``StableDiffusionPipeline`` or
+    ``RealignDiffPipeline``; ``None``: another pipeline, or no ``model_index.json`` to read (a hub id neither
+    cached nor reachable; nothing but that file is fetched).
+    """
+    from ..training.sdxl import SDXL_PIPELINE_CLASSES, read_model_index
+
+    index = read_model_index(model) or {}
+    name = index.get("_class_name")
+    if name in SDXL_PIPELINE_CLASSES:
+        return "xl", name
+    if name in ("StableDiffusionPipeline", "RealignDiffPipeline"):
+        return "sd", name
+    return None, name
+
+
+def pipeline_class(config: EvalConfig, model: str | None = None) -> type:
+    """The class :func:`build_pipeline` loads `config`'s model with.
+
+    ``"realign-xl"``: :class:`~realign_pipeline.RealignDiffXLPipeline`. ``"realign"``:
+    :class:`~realign_pipeline.RealignDiffPipeline`, or the XL one when the model's ``model_index.json`` (a local
+    folder, or the Hugging Face cache for a hub id) names ``StableDiffusionXLPipeline`` or
+    ``RealignDiffXLPipeline`` (:func:`model_family`). ``"auto"``: ``diffusers.DiffusionPipeline``.
+    """
+    if config.pipeline == "auto":
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline
+    if config.pipeline == "realign-xl" or model_family(model or resolve_model(config.model))[0] == "xl":
+        from ..pipeline_xl import RealignDiffXLPipeline
+
+        return RealignDiffXLPipeline
+    from ..pipeline import RealignDiffPipeline
+
+    return RealignDiffPipeline
+
+
 def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: Any = None, captioner: Any = None):
     """The pipeline of `config` on `device`, ready to call with :meth:`EvalConfig.call_kwargs`.
 
-    Loads the model, the ReFL checkpoint (``unet`` replaces the UNet, ``lora`` is loaded with
-    ``load_lora_weights``), and for ``realign=True`` the dense captioner (`captioner` if given, else the one saved
+    Loads the model with :func:`pipeline_class`, the ReFL checkpoint (``unet`` replaces the UNet, ``lora`` is
+    loaded with ``load_lora_weights``), and for ``realign=True`` the dense captioner (`captioner` if given, else the one saved
     with the model, else :func:`build_captioner` with ``config.captioner``), wrapped by
     :class:`~realign_pipeline.captioner.CaptionerWrapper` with ``score=1`` when ``unit_scores``. A :class:`PromptistRewriter` is attached as
     ``pipe.prompt_rewriter`` when ``config.promptist`` is set (``None`` otherwise).
@@ -366,13 +417,13 @@ def build_pipeline(config: EvalConfig | str, device: str | None = None, dtype: A
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if config.unet:
         load_kwargs["unet"] = _load_unet(config.unet, torch_dtype)
-    if config.pipeline == "realign":
-        from ..pipeline import RealignDiffPipeline
-
-        load_kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if config.pipeline in REALIGN_PIPELINES:
+        cls = pipeline_class(config, model)
+        if cls.__name__ == "RealignDiffPipeline":
+            load_kwargs.update(safety_checker=None, requires_safety_checker=False)
         if captioner is not None:
             load_kwargs["dense_captioner"] = captioner
-        pipe = RealignDiffPipeline.from_pretrained(model, **load_kwargs)
+        pipe = cls.from_pretrained(model, **load_kwargs)
     else:
         from diffusers import DiffusionPipeline
 
