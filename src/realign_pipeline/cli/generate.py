@@ -30,6 +30,10 @@ from .common import (
 )
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: ``--pipeline``: from the model's model_index.json, or Stable Diffusion 1.x/2.x, or XL, whatever it says.
+PIPELINE_CHOICES = ("auto", "sd", "xl")
+#: Classifier-free guidance without ``--guidance``: each pipeline's own default.
+DEFAULT_GUIDANCE = {"sd": 7.5, "xl": 5.0}
 DEFAULT_TAGGER = DEFAULT_CAPTIONER_SETTINGS["tagger_model"]
 DEFAULT_DETECTOR = DEFAULT_CAPTIONER_SETTINGS["detector"]
 DEFAULT_SEGMENTER = DEFAULT_CAPTIONER_SETTINGS["segmenter"]
@@ -39,7 +43,9 @@ Generate images with RealignDiff: a coarse image, its dense caption (tagger -> L
 as a layout, and the fine image re-generated from the same noise with Eq. 8 attention modulation.
 
 With --layout a hand-written layout is used instead of captioning: the same seed is generated without and
-with the layout, so the pictures compare the two. Per prompt, in OUT/NNN-<prompt>/:
+with the layout, so the pictures compare the two. Stable Diffusion 1.x/2.x runs RealignDiffPipeline; an SDXL
+checkpoint (model_index.json naming StableDiffusionXLPipeline or RealignDiffXLPipeline, or --pipeline xl) runs
+RealignDiffXLPipeline, at 1024x1024 and guidance 5 unless told otherwise. Per prompt, in OUT/NNN-<prompt>/:
 
   image.png           the final image
   coarse.png          the coarse image (the image before re-alignment), when there is one
@@ -58,6 +64,7 @@ examples:
   {PROG} generate --prompts-file prompts.txt --out outputs/batch --llm openai --llm-model gpt-4o
   {PROG} generate "two dogs" --llm local --llm-model Qwen/Qwen2.5-7B-Instruct
   {PROG} generate "a teapot" --model /models/sd15 --lora my-refl-lora/ --no-realign
+  {PROG} generate "a red book and a yellow vase" --model stabilityai/stable-diffusion-xl-base-1.0 --variant fp16
   {PROG} generate "a red book" --device cpu --dtype float32 --steps 20   (no GPU: expect minutes)
 
 errors exit with code 2 and one line saying what to do (no cached weights and no network, no GPU,
@@ -77,18 +84,23 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--out", default="outputs/generate", help="folder for the images, layouts and pictures")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x hub id or local "
+    model.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x or XL hub id or local "
                        "folder; `shapes` = the trained shapes world shipped with the package (offline, CPU), `shapes-bow` its "
                        "second world (a text encoder trained without colour-swapped negatives), `shapes-triples` the "
                        "third (three objects at 48 px on that text encoder)")
+    model.add_argument("--pipeline", choices=PIPELINE_CHOICES, default="auto",
+                       help="auto: RealignDiffXLPipeline when the model's model_index.json names an SDXL pipeline, "
+                       "else RealignDiffPipeline; sd / xl: that one (when model_index.json cannot be read)")
+    model.add_argument("--variant", help="the weights' variant to load, e.g. fp16 (SDXL's half-size files)")
     model.add_argument("--lora", metavar="ID_OR_PATH", help="LoRA weights (e.g. a ReFL LoRA) loaded with load_lora_weights")
     model.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, help="(default: float16 on a GPU, float32 on the CPU)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--seed", type=int, default=42, help="seed of the initial noise (one per prompt: seed + index)")
     sampling.add_argument("--steps", type=int_in(1, 1000), default=50, help="denoising steps (per stage)")
-    sampling.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    sampling.add_argument("--height", type=int_in(8, 4096), help="image height, multiple of 8 (default: the model's)")
+    sampling.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5; 5 for SDXL)")
+    sampling.add_argument("--height", type=int_in(8, 4096), help="image height, multiple of 8 (default: the model's, "
+                          "the UNet's sample size x the VAE's scale: 512 for SD 1.5, 1024 for SDXL)")
     sampling.add_argument("--width", type=int_in(8, 4096), help="image width, multiple of 8 (default: the model's)")
     realign = parser.add_argument_group("re-alignment")
     realign.add_argument(
@@ -181,12 +193,42 @@ def _slug(prompt: str, index: int) -> str:
     return f"{index:03d}-{words or 'prompt'}"
 
 
+def _pipeline_family(args: argparse.Namespace, model: str) -> str:
+    """``"sd"`` or ``"xl"``: ``--pipeline``, checked against the model's model_index.json when there is one."""
+    from ..evaluation.configs import model_family
+
+    detected, class_name = model_family(model)
+    if args.pipeline == "auto":
+        return detected or "sd"
+    if detected is not None and detected != args.pipeline:
+        raise CLIError(
+            f"--pipeline {args.pipeline}: {args.model}'s model_index.json names {class_name}, a "
+            f"{'Stable Diffusion XL' if detected == 'xl' else 'Stable Diffusion 1.x/2.x'} pipeline; use --pipeline "
+            f"{detected} (or auto).",
+            EXIT_USAGE,
+        )
+    return args.pipeline
+
+
+def _load_pipeline(family: str, model: str, dtype: Any, variant: str | None):
+    """RealignDiffPipeline (no safety checker) or RealignDiffXLPipeline from `model`."""
+    extra = {"variant": variant} if variant else {}
+    if family == "xl":
+        from ..pipeline_xl import RealignDiffXLPipeline
+
+        return RealignDiffXLPipeline.from_pretrained(model, dtype=dtype, **extra)
+    from ..pipeline import RealignDiffPipeline
+
+    return RealignDiffPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                                               **extra)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``realigndiff generate``: RealignDiff on a real (or local) Stable Diffusion model, with pictures."""
+    """``realigndiff generate``: RealignDiff on a real (or local) Stable Diffusion (1.x/2.x or XL) model, with
+    pictures."""
     import torch
 
     from ..layout import Layout
-    from ..pipeline import RealignDiffPipeline
     from ..visualize import display_size, figure6_panel, figure7_maps
 
     prompts = _read_prompts(args)
@@ -218,10 +260,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model = str(shapes_model_path(SHAPES_WORLDS.get(model) or model.removeprefix("shapes:")))
         except FileNotFoundError as error:
             raise CLIError(str(error)) from None
+    family = _pipeline_family(args, model)
     try:
         with collect_warnings(notes):
-            pipe = RealignDiffPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+            pipe = _load_pipeline(family, model, dtype, args.variant)
     except LOAD_ERRORS as error:
         raise load_error("model", args.model, error, "--model") from None
     if args.lora:
@@ -252,8 +294,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{PROG} generate: warning: no re-alignment ({error}); generating plain images.", file=sys.stderr)
         timings["captioner load"] = time.perf_counter() - start
 
-    common = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
-              "guidance_scale": args.guidance, "return_attention_maps": True}
+    guidance = DEFAULT_GUIDANCE[family] if args.guidance is None else args.guidance
+    # the model's size: the UNet's sample size x the VAE's scale (what the pipelines default to)
+    sample = pipe.unet.config.sample_size
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
+    height = args.height or sample_h * pipe.vae_scale_factor
+    width = args.width or sample_w * pipe.vae_scale_factor
+    common = {"height": height, "width": width, "num_inference_steps": args.steps,
+              "guidance_scale": guidance, "return_attention_maps": True}
     files: list[Path] = []
     stage_times = {"generate": 0.0, "pictures": 0.0}
     summary_rows = []
@@ -309,8 +357,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
     summary = {
-        "model": args.model, "lora": args.lora, "device": device, "dtype": str(dtype).replace("torch.", ""),
-        "steps": args.steps, "guidance": args.guidance, "mode": "layout" if hand_layout else
+        "model": args.model, "pipeline": type(pipe).__name__, "lora": args.lora, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "height": height, "width": width,
+        "steps": args.steps, "guidance": guidance, "mode": "layout" if hand_layout else
         ("realign" if realign else "plain"), "prompts": summary_rows,
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
     }
