@@ -21,16 +21,18 @@ SECRET = "sk-test-secret-never-written"
 
 @pytest.fixture(scope="module")
 def model_dirs(tiny_sd_dir, tiny_clip_dir, tiny_grounding_dino_dir, tiny_sam_dir):
-    return {"sd": tiny_sd_dir, "clip": tiny_clip_dir, "dino": tiny_grounding_dino_dir, "sam": tiny_sam_dir}
+    """The pipeline (through from_pretrained), the CLIP tagger and Grounding DINO + SAM, loaded once for the module:
+    no test changes them; each test gets its own pipeline object around them with its own LLM (:func:`make_pipe`)."""
+    pipe = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return {"pipe": pipe, "tagger": ClipTagger(str(tiny_clip_dir), tag_list=["book", "vase"], thresholds=0.0),
+            "grounder": GroundingDinoSamGrounder(str(tiny_grounding_dino_dir), str(tiny_sam_dir), box_threshold=0.0,
+                                                 text_threshold=0.0)}
 
 
 def make_pipe(model_dirs, llm) -> RealignDiffPipeline:
-    captioner = DenseCaptioner(
-        ClipTagger(str(model_dirs["clip"]), tag_list=["book", "vase"], thresholds=0.0),
-        llm,
-        GroundingDinoSamGrounder(str(model_dirs["dino"]), str(model_dirs["sam"]), box_threshold=0.0, text_threshold=0.0),
-    )
-    pipe = RealignDiffPipeline.from_pretrained(model_dirs["sd"], safety_checker=None, dense_captioner=captioner)
+    captioner = DenseCaptioner(model_dirs["tagger"], llm, model_dirs["grounder"])
+    pipe = RealignDiffPipeline.from_pipe(model_dirs["pipe"], dense_captioner=captioner)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
