@@ -95,11 +95,24 @@ def captioner(**kwargs) -> DenseCaptioner:
     return DenseCaptioner(WordTagger(**kwargs), LookupLLM(), BoxGrounder())
 
 
-@pytest.fixture()
-def pipe(tiny_sd_dir):
-    pipe = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dense_captioner=captioner())
+@pytest.fixture(scope="module")
+def loaded(tiny_sd_dir):
+    """The tiny SD loaded once for the module (from_pretrained, no captioner). Tests get their own pipeline object
+    around its modules (:func:`with_captioner`): they replace the pipeline's parts (scheduler, captioner, safety
+    checker, prepare_latents) on that object only; the UNet's attention processors are restored after every call,
+    also when it raises."""
+    return RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+
+
+def with_captioner(loaded, dense_captioner) -> RealignDiffPipeline:
+    pipe = RealignDiffPipeline.from_pipe(loaded, dense_captioner=dense_captioner)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture()
+def pipe(loaded):
+    return with_captioner(loaded, captioner())
 
 
 def run(pipeline, prompt=PROMPT, seed=0, **kwargs):
@@ -137,11 +150,8 @@ def test_realign_is_coarse_then_layout_guided_from_the_same_noise(pipe):
     assert set(out.coarse_attention_maps[0]) == set(out.attention_maps[0]) >= {"red", "book"}
 
 
-def test_without_a_kept_object_the_coarse_image_is_returned(tiny_sd_dir):
-    pipe = RealignDiffPipeline.from_pretrained(
-        tiny_sd_dir, safety_checker=None, dense_captioner=DenseCaptioner(WordTagger(), LookupLLM(), BoxGrounder({}))
-    )
-    pipe.set_progress_bar_config(disable=True)
+def test_without_a_kept_object_the_coarse_image_is_returned(loaded):
+    pipe = with_captioner(loaded, DenseCaptioner(WordTagger(), LookupLLM(), BoxGrounder({})))
     out = run(pipe, realign=True)
     assert out.realigned == [False]
     assert np.array_equal(out.images, run(pipe).images)
@@ -261,9 +271,7 @@ def _recording_latents(pipeline):
     return calls
 
 
-def test_every_scheduler_gets_the_noise_once_scaled_and_the_fine_pass_the_coarse_passs_latents(tiny_sd_dir):
-    pipe = RealignDiffPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, dense_captioner=captioner())
-    pipe.set_progress_bar_config(disable=True)
+def test_every_scheduler_gets_the_noise_once_scaled_and_the_fine_pass_the_coarse_passs_latents(pipe):
     default = pipe.scheduler
     names = []
     for scheduler_cls in _runnable_schedulers(default):
