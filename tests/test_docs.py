@@ -4,7 +4,10 @@ Blocks written for real models run on tiny random ones: hub ids the docs use are
 saved in a temporary folder (``RealignDiffPipeline.from_pretrained``, ``load_lora_weights``,
 ``RealignDiffXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` without their ``variant``,
 ``ClipScorer`` / ``ClipTagger``, ``GroundingDinoSamGrounder``, ``CaptionReward``), and the block's source is run with
-``"cuda"`` read as ``"cpu"`` and ``torch.float16`` as ``torch.float32``. The blocks of one file run in order
+``"cuda"`` read as ``"cpu"`` and ``torch.float16`` as ``torch.float32``. The pipelines the docs call
+(``RealignDiffPipeline``, ``RealignDiffXLPipeline``, ``StableDiffusionXLImg2ImgPipeline``) denoise at most
+``DOC_STEPS`` steps (the docs' 20-50 steps on tiny random models drew nothing more and were most of this test's
+time); every line still runs. The blocks of one file run in order
 in one namespace (a later block may use the ``pipe`` of an earlier one), which starts with the names the prose
 around the fragments stands for (``image``, ``images``, ``prompt``, ``tagger``, ``llm``, ``grounder``, ``pipe``
 ...; see ``PRELUDE_NAMES``), in a temporary working directory.
@@ -32,6 +35,8 @@ FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULT
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 SKIP_WITH_REASON = re.compile(r"<!--\s*docs-test:\s*skip\s*\(\s*\S[^)]*\)\s*-->")
 PROMPT = "a red book and a yellow vase"
+#: The most denoising steps a docs block's pipeline call takes here (its own number when smaller).
+DOC_STEPS = 4
 PRELUDE_NAMES = ("torch", "image", "images", "pil_images", "prompt", "prompts", "texts", "phrases",
                  "phrases_per_image", "pixels", "x", "batches", "tagger", "llm", "grounder", "pipe")
 
@@ -107,6 +112,17 @@ def _without_variant(func):
     return wrapper
 
 
+def _few_steps(call):
+    """``__call__`` with ``num_inference_steps`` (a keyword, or the default) at most :data:`DOC_STEPS`."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        kwargs["num_inference_steps"] = min(kwargs.get("num_inference_steps") or DOC_STEPS, DOC_STEPS)
+        return call(self, *args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture()
 def redirected(tiny_models, monkeypatch, tmp_path):
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -123,6 +139,8 @@ def redirected(tiny_models, monkeypatch, tmp_path):
     for cls in (RealignDiffXLPipeline, StableDiffusionXLImg2ImgPipeline):
         loader = _without_variant(_mapping(models, cls.from_pretrained.__func__))
         monkeypatch.setattr(cls, "from_pretrained", classmethod(loader))
+    for cls in (RealignDiffPipeline, RealignDiffXLPipeline, StableDiffusionXLImg2ImgPipeline):
+        monkeypatch.setattr(cls, "__call__", _few_steps(cls.__call__))
     for cls in (ClipTagger, GroundingDinoSamGrounder, CaptionReward):
         monkeypatch.setattr(cls, "__init__", _mapping(models, cls.__init__))
     monkeypatch.setattr(RealignDiffPipeline, "load_lora_weights",
