@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one torch thread each: the 2-core machine runs two test files at once.
-# --dist loadfile keeps each file's tests, and its module-scoped tiny models, in one worker.
+# --dist loadfile keeps each file's tests, and its module-scoped tiny models, in one worker;
+# --no-loadscope-reorder hands the files out in collection order, which tests/conftest.py starts with the
+# slowest files (xdist's default order is by number of tests, which left a slow file of few tests for last).
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV_PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV_PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # The tests import the editable install, which reads src/ directly: this catches what the wheel leaves out.
 # It builds with the venv's setuptools (hence setuptools in `install`) and installs with --no-deps.
