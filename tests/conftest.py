@@ -22,7 +22,9 @@ After collection and after each test file, the garbage is collected and every ob
 (``gc.freeze``): most of a test process's objects are the imported libraries' (torch, diffusers, transformers,
 ~0.4 million), and without this every full collection, and every ``gc.collect()`` the code under test makes
 (``run_evaluation`` makes one per configuration), walked them all again: about 0.25-0.5 s each. Frozen objects
-are still freed by reference counting; only a reference cycle among them is never collected.
+are still freed by reference counting; only a reference cycle among them is never collected. The youngest
+generation is collected every 20,000 allocations instead of 700 (the tests allocate many short-lived objects:
+about 15,000 collections for 80 tests otherwise).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def pytest_collection_modifyitems(config, items) -> None:
 def _freeze_survivors() -> None:
     gc.collect()
     gc.freeze()
+
+
+def pytest_configure(config) -> None:
+    gc.set_threshold(20_000, 10, 10)
 
 
 def pytest_collection_finish(session) -> None:
