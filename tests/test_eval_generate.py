@@ -153,8 +153,9 @@ def test_geneval_and_t2icompbench_layouts(config, pipe, tmp_path):
 
 
 def test_two_processes_and_help_through_the_command_line(config, tmp_path, capsys):
-    """Two shards (one via ``python -m realign_pipeline.evaluation``, one via ``realigndiff evaluate generate``) as
-    two concurrent subprocesses, and ``--help`` through the CLI's main in-process."""
+    """Two shards at once in two processes: shard 0 via ``python -m realign_pipeline.evaluation`` in a fresh
+    subprocess, shard 1 via ``realigndiff evaluate generate`` through the CLI's main in this process while the
+    other runs; and ``--help`` through main."""
     from realign_pipeline.cli import main
 
     config_path = tmp_path / "tiny.json"
@@ -163,19 +164,23 @@ def test_two_processes_and_help_through_the_command_line(config, tmp_path, capsy
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--config", str(config_path), "--prompts", "cc500", "--limit", "5", "--out", str(out), "-q",
               "--device", "cpu", "--num-processes", "2"]
-    commands = [["-m", "realign_pipeline.evaluation", *common, "--process-index", "0"],
-                ["-m", "realign_pipeline.cli", "evaluate", "generate", *common, "--process-index", "1"]]
-    procs = [subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for command in commands]
-    with pytest.raises(SystemExit) as exited:  # while the shards run
-        main(["evaluate", "generate", "--help"])
-    assert exited.value.code == 0
-    help_text = capsys.readouterr().out
-    results = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (_, stderr) in zip(procs, results):
-        assert proc.returncode == 0, stderr[-2000:]
-        assert "Traceback" not in stderr
-    assert "process 1/2: generated 2 image(s)" in results[1][0]
+    with (tmp_path / "shard0.out").open("w+") as stdout, (tmp_path / "shard0.err").open("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "realign_pipeline.evaluation", *common, "--process-index", "0"],
+                                env=env, stdout=stdout, stderr=stderr, text=True)
+        try:
+            with pytest.raises(SystemExit) as exited:
+                main(["evaluate", "generate", "--help"])
+            assert exited.value.code == 0
+            help_text = capsys.readouterr().out
+            assert main(["evaluate", "generate", *common, "--process-index", "1"]) == 0
+            shard1 = capsys.readouterr()
+            assert proc.wait(timeout=300) == 0, stderr.seek(0) or stderr.read()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stderr.seek(0)
+        assert "Traceback" not in stderr.read() and "Traceback" not in shard1.err
+    assert "process 1/2: generated 2 image(s)" in shard1.out
     assert "--process-index" in help_text and "densediffusion" in help_text
     rows = read_manifest(out)
     assert [row["index"] for row in rows] == [0, 1, 2, 3, 4]
