@@ -37,24 +37,24 @@ from pathlib import Path
 import pytest
 
 #: The test files that take longest, slowest first (CPU seconds of a single-worker run on the shared 2-core
-#: machine, ``pytest -p no:xdist --durations=0``; about 10-50 s each, the other files under 10 s). A file not
+#: machine, ``pytest -p no:xdist --durations=0``: about 5-35 s each, the other files under 5 s). A file not
 #: named here keeps its place after them; a name without a file is ignored.
 SLOW_FILES = (
     "test_train_refl.py",
     "test_shapes_models.py",
     "test_shapes_experiment.py",
     "test_docs.py",
-    "test_eval_generate.py",
     "test_realign.py",
+    "test_eval_generate.py",
     "test_pipeline.py",
+    "test_cli_output.py",
+    "test_shapes_coarse_stage.py",
+    "test_pipeline_xl.py",
     "test_examples.py",
     "test_cli.py",
-    "test_pipeline_xl.py",
-    "test_cli_output.py",
-    "test_train_refl_xl.py",
     "test_train_draft.py",
-    "test_shapes_coarse_stage.py",
-    "test_cli_generate.py",
+    "test_train_refl_xl.py",
+    "test_shapes_fine_stage_rates.py",
 )
 
 
