@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -387,6 +389,12 @@ def test_push_to_hub_uses_stubbed_api(assets, tmp_path, monkeypatch):
     assert stats["hub_repo_id"] == "me/refl-lora"
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_accelerate_launch(assets, tmp_path):
     out = tmp_path / "ddp"
     env = dict(
@@ -408,6 +416,8 @@ def test_two_process_accelerate_launch(assets, tmp_path):
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(_free_port()),  # not the default 29500, which another run on the machine may hold
         str(ROOT / "training" / "train_refl.py"),
         *_tiny_run_argv(assets, out, batch_size=1),
         "--max_train_steps",
@@ -420,8 +430,16 @@ def test_two_process_accelerate_launch(assets, tmp_path):
         "--report_to",
         "none",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # its own process group: on a timeout the launcher and both ranks are ended, not only the launcher
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"accelerate launch timed out after 240 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     state = json.loads((out / "checkpoint-2" / "train_state.json").read_text())
     assert set(state["data"]) == {"0", "1"}
