@@ -28,6 +28,7 @@ Beside them, whether the coarse grids put two objects in one cell (:func:`shared
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -162,11 +163,7 @@ def second_pass(pipe, rows, variant: tuple[dict[str, float], tuple[int, ...] | N
         if kind != "none":
             side = generation["height"]
             kwargs["layout"] = [placebo_layout(r["layout"], side) if kind == "placebo" else r["layout"] for r in chunk]
-        if sides is not None:
-            with modulated_levels(sides):
-                images = pipe([r["prompt"] for r in chunk], generator=_generators([r["seed"] for r in chunk]),
-                              **kwargs).images
-        else:
+        with modulated_levels(sides) if sides is not None else contextlib.nullcontext():
             images = pipe([r["prompt"] for r in chunk], generator=_generators([r["seed"] for r in chunk]),
                           **kwargs).images
         for row, image in zip(chunk, images):
