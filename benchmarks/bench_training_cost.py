@@ -13,15 +13,18 @@ Two methods:
 
 - ``--method measure`` runs every mode's pass as it is (what a GPU does in seconds): peak memory above the
   start and the median time of ``--repeats`` passes, the modes interleaved in each round.
-- ``--method one-step`` measures four short passes and composes every mode from them (what a CPU can do at
-  SD v1.5's size, where one full chain takes an hour): one no-grad denoising step (``t_n``), the ReFL pass at
-  its gradient step, and the DRaFT pass with K = T = 1, 2 and 3 in each checkpointing mode. A DRaFT mode with
-  K >= 2 of T steps then costs ``(T - K) t_n + t(2) + (K - 2) (t(3) - t(2))`` in time and
-  ``p(2) + (K - 2) (p(3) - p(2))`` in peak memory (the no-grad steps free what they allocate; the stored
-  activations grow by one step's worth per gradient step, a constant from the second step on -- from the first
-  to the second, checkpointing adds the recomputed step's working memory); K = 1 is its probe plus
-  ``(T - 1) t_n``; ReFL costs ``g t_n + t_refl`` with g the rollout steps to the middle of its range. These are
-  ESTIMATES and are labelled so in every output.
+- ``--method one-step`` measures one step of each kind and composes every mode from them (what a CPU can do
+  at SD v1.5's size, where one full chain takes an hour). Time: one rollout step without gradient (``t_n``),
+  one denoising step with gradient, forward and backward (``t_g``; checkpointed ``t_c``, which recomputes the
+  forward), ReFL's gradient call (``t_r``) and the VAE decode with its backward (``t_d``), each the median of
+  ``--repeats`` (at least 1) interleaved rounds; DRaFT with K of T steps then takes
+  ``(T - K) t_n + K t_g + t_d`` (``t_c`` checkpointed) and ReFL ``g t_n + t_r + t_d``, g the rollout steps to
+  the middle of its range. Peak memory: one profiled whole pass (decode included) of ReFL at its gradient step
+  and of DRaFT with K = T = 1, 2 and 3 in each checkpointing mode; K >= 2 then peaks at
+  ``p(2) + (K - 2) (p(3) - p(2))`` (the no-grad steps free what they allocate; the stored activations grow by
+  one step's worth per gradient step, a constant from the second step on -- from the first to the second,
+  checkpointing adds the recomputed step's working memory). These are ESTIMATES and are labelled so in every
+  output.
 - ``--validate`` runs both on the same model and prints the estimate's relative error per mode (meant for the
   tiny model, where measuring is cheap).
 
@@ -106,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["measure", "one-step"], default="measure")
     p.add_argument("--validate", action="store_true", help="run both methods and compare")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds; 0: time the profiled pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (measure: 0 times the profiled pass; one-step: at least 1)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -151,7 +154,8 @@ class Passes:
             enabled=self.dtype != torch.float32,
         )
 
-    def run(self, mode: Mode) -> None:
+    def run(self, mode: Mode, with_decode: bool = True) -> None:
+        """The reward pass of ``mode``; ``with_decode=False``: the chain alone, its latents' mean as the loss."""
         guide = {"guidance_scale": self.args.guidance_scale, "negative_hidden_states": self.negative}
         with self.autocast():
             if mode.k:
@@ -163,9 +167,24 @@ class Passes:
                 x0 = refl_latents(
                     self.unet, self.scheduler, self.noise, self.cond, mode.steps, mode.refl_step, **guide
                 ).x0
-            loss = -decode(self.vae, x0.to(self.dtype)).float().mean()
+            loss = -(decode(self.vae, x0.to(self.dtype)) if with_decode else x0).float().mean()
         loss.backward()
         self.unet.zero_grad(set_to_none=True)
+
+    def no_grad_step(self) -> None:
+        """One denoising step of the rollout (UNet call and scheduler step, no gradient)."""
+        with self.autocast(), torch.no_grad():
+            draft_latents(
+                self.unet, self.scheduler, self.noise, self.cond, 1, 1,
+                guidance_scale=self.args.guidance_scale, negative_hidden_states=self.negative,
+            )  # fmt: skip
+
+    def decode_backward(self) -> None:
+        """The VAE decode of the final latents with gradient, and its backward to the latents."""
+        latents = self.noise.clone().requires_grad_(True)
+        with self.autocast():
+            loss = -decode(self.vae, latents).float().mean()
+        loss.backward()
 
 
 def timed(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device) -> dict[str, list[float]]:
@@ -217,40 +236,40 @@ def measure(passes: Passes, modes: list[Mode]) -> dict[str, dict]:
 
 
 def one_step(passes: Passes, modes: list[Mode]) -> tuple[dict[str, dict], dict[str, float]]:
-    """Every mode composed from short passes (the docstring's formulas): ESTIMATES."""
+    """Every mode composed from one-step measurements (the docstring's formulas): ESTIMATES."""
+    args = passes.args
     probes = {"refl": Mode("refl", 1, refl_step=0)}
     for k in (1, 2, 3):
         for suffix, ckpt in (("", False), ("-ckpt", True)):
             probes[f"draft-{k}{suffix}"] = Mode(f"draft-{k}{suffix}", k, k=k, checkpointed=ckpt)
-    # one no-grad step then the 1-step gradient pass: minus draft-1 it is one no-grad step
-    probes["draft-1-after-1"] = Mode("draft-1-after-1", 2, k=1)
-    peaks, rounds = peaks_and_times(
-        {name: (lambda m=m: passes.run(m)) for name, m in probes.items()}, passes.args
-    )
-    times = {name: statistics.median(ts) for name, ts in rounds.items()}
-    t_n = max(times["draft-1-after-1"] - times["draft-1"], 0.0)
-    parts = {
-        "no_grad_step_s": t_n,
-        **{f"{n}_s": t for n, t in times.items()},
-        **{f"{n}_peak_mib": p for n, p in peaks.items()},
+    peaks = {name: peak_bytes(lambda m=m: passes.run(m), args.device) / 2**20 for name, m in probes.items()}
+    components = {
+        "no_grad_step": passes.no_grad_step,
+        "grad_step": lambda: passes.run(Mode("grad", 1, k=1), with_decode=False),
+        "grad_step_ckpt": lambda: passes.run(Mode("grad-ckpt", 1, k=1, checkpointed=True), with_decode=False),
+        "refl_grad_step": lambda: passes.run(Mode("refl", 1, refl_step=0), with_decode=False),
+        "decode_backward": passes.decode_backward,
     }
+    rounds = timed(components, args.warmup, max(args.repeats, 1), args.device)
+    t = {name: statistics.median(ts) for name, ts in rounds.items()}
+    parts = {**{f"{n}_s": v for n, v in t.items()}, **{f"{n}_peak_mib": p for n, p in peaks.items()}}
     out = {}
     for m in modes:
         if not m.k:
-            seconds, peak = m.refl_step * t_n + times["refl"], peaks["refl"]
+            seconds, peak = m.refl_step * t["no_grad_step"] + t["refl_grad_step"], peaks["refl"]
         else:
             suffix = "-ckpt" if m.checkpointed else ""
+            grad = t["grad_step_ckpt" if m.checkpointed else "grad_step"]
+            seconds = (m.steps - m.k) * t["no_grad_step"] + m.k * grad
             if m.k == 1:
-                seconds, peak = times["draft-1" + suffix], peaks["draft-1" + suffix]
+                peak = peaks["draft-1" + suffix]
             else:
-                t2, t3 = times["draft-2" + suffix], times["draft-3" + suffix]
                 p2, p3 = peaks["draft-2" + suffix], peaks["draft-3" + suffix]
-                seconds, peak = t2 + (m.k - 2) * (t3 - t2), p2 + (m.k - 2) * (p3 - p2)
-            seconds += (m.steps - m.k) * t_n
+                peak = p2 + (m.k - 2) * (p3 - p2)
         out[m.name] = {
             "mode": m.words,
             "peak_mib": peak,
-            "seconds": seconds,
+            "seconds": seconds + t["decode_backward"],
             "method": "ESTIMATE from one step",
         }
     return out, parts
