@@ -451,6 +451,29 @@ def split_table(
     return table
 
 
+def by_pairing(
+    base_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], metric: str = "binding"
+) -> list[dict[str, Any]]:
+    """Per pairing where the base model errs or `rows` change something: images, base-wrong, fixed, broken
+    (the coarse read-out of `rows` against the base model's, as :func:`compare`), pairings in order."""
+    base = {(r["prompt"], r["seed"]): r["coarse"][metric] for r in base_rows}
+    counts: dict[str, Counter] = {}
+    for r in rows:
+        before, after = base.get((r["prompt"], r["seed"])), r["coarse"][metric]
+        if before is None or after is None:
+            continue
+        c = counts.setdefault(r["pairing"], Counter())
+        c["images"] += 1
+        c["base_wrong"] += before == 0
+        c["fixed"] += before == 0 and after == 1
+        c["broken"] += before == 1 and after == 0
+    return [
+        {"pairing": p, **{k: c[k] for k in ("images", "base_wrong", "fixed", "broken")}}
+        for p, c in sorted(counts.items())
+        if c["base_wrong"] or c["fixed"] or c["broken"]
+    ]
+
+
 def choose(tuning: dict[str, Any], candidates: Sequence[str]) -> dict[str, Any]:
     """The protocol's choice among `candidates` from their tuning-split comparisons (``split_table``)."""
 
@@ -639,6 +662,22 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [c for metric in METRICS for c in _cell(entry.get(metric))]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
+    if chosen and result.get("by_pairing"):
+        lines += [
+            f"## Binding by pairing: `{chosen['run']}` alone against the base model",
+            "",
+            "The pairings where the base model errs or the run changes something (coarse images).",
+            "",
+            "| split | pairing | images | base wrong | fixed | broken |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for split in SPLITS:
+            for entry in result["by_pairing"].get(split, {}).get(chosen["run"], []):
+                lines.append(
+                    f"| {split} | {entry['pairing']} | {entry['images']} | {entry['base_wrong']} | "
+                    f"{entry['fixed']} | {entry['broken']} |"
+                )
+        lines.append("")
     lines += [
         "## Reward curves",
         "",
@@ -796,6 +835,9 @@ def run(
         },
         "images": {s: len(rows[s]["base"]) for s in SPLITS},
         "tables": tables,
+        "by_pairing": {
+            split: {n: by_pairing(rows[split]["base"], rows[split][n]) for n in every} for split in SPLITS
+        },
         "what_each_half_saw": saw,
         "events": events.items,
         "timings": timings,
