@@ -211,3 +211,29 @@ def test_by_pairing_counts_the_coarse_images_against_the_base(coarse_stage):
         {"pairing": "p", "images": 2, "base_wrong": 2, "fixed": 1, "broken": 0},
         {"pairing": "q", "images": 1, "base_wrong": 0, "fixed": 0, "broken": 1},
     ]  # r: right and unchanged; s: no read-out on the base image
+
+
+def test_publish_splits_the_result_and_keeps_every_read_out(quick, coarse_stage, tmp_path):
+    _, result = quick
+    main_file, rows_file = coarse_stage.publish(result, tmp_path / "docs" / "coarse")
+    summary, table = json.loads(main_file.read_text()), json.loads(rows_file.read_text())
+    assert "rows" not in summary and summary["tables"] == json.loads(json.dumps(result["tables"]))
+    for split, configs in result["rows"].items():
+        for config, rows in configs.items():
+            rebuilt = [
+                dict(zip(table["record_columns"], record)) | dict(zip(table["score_columns"], score))
+                for record, score in zip(table["records"][split], table["scores"][split][config], strict=True)
+            ]
+            assert len(rebuilt) == len(rows) > 0
+            for r, b in zip(rows, rebuilt):
+                assert (b["prompt"], b["seed"], b["pairing"], b["realigned"]) == (
+                    r["prompt"],
+                    r["seed"],
+                    r["pairing"],
+                    r["realigned"],
+                )
+                assert all(
+                    b[f"{k}_{m}"] == r[k][m]
+                    for k in ("coarse", "fine")
+                    for m in ("binding", "presence", "position")
+                )

@@ -848,6 +848,34 @@ def run(
     return result
 
 
+def publish(result: dict[str, Any], stem: str | Path) -> tuple[Path, Path]:
+    """``<stem>.json``: `result` without the per-image read-outs; ``<stem>_rows.json``: the read-outs by columns
+    (each split's records once, then one score row per record and configuration, in the records' order)."""
+    record_columns = ("prompt", "seed", "form", "pairing")
+    score_columns = ["realigned"] + [f"{kind}_{m}" for kind in ("coarse", "fine") for m in METRICS]
+    records: dict[str, list[list[Any]]] = {}
+    scores: dict[str, dict[str, list[list[Any]]]] = {}
+    for split, configs in result["rows"].items():
+        for config, rows in configs.items():
+            keys = [[r[c] for c in record_columns] for r in rows]
+            if records.setdefault(split, keys) != keys:
+                raise ValueError(f"{split}/{config}: the read-outs are not in the base model's record order")
+            scores.setdefault(split, {})[config] = [
+                [int(r["realigned"])] + [r[kind][m] for kind in ("coarse", "fine") for m in METRICS]
+                for r in rows
+            ]
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    main_file, rows_file = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + "_rows.json")
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    main_file.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    table = {"record_columns": list(record_columns), "score_columns": score_columns, "records": records}
+    rows_file.write_text(
+        json.dumps({**table, "scores": scores}, separators=(",", ":")) + "\n", encoding="utf-8"
+    )
+    return main_file, rows_file
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -887,6 +915,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--quick", action="store_true", help="the reduced run (2 runs, 2 steps, 2 prompts per split)"
     )
+    parser.add_argument(
+        "--publish",
+        default=None,
+        help="also write STEM.json (the result without per-image read-outs) and STEM_rows.json (them, by columns)",
+    )
     args = parser.parse_args(argv)
     result = run(
         args.out,
@@ -901,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.batch_size,
         args.models,
     )
+    if args.publish:
+        publish(result, args.publish)
     print((Path(args.out) / "coarse_stage.md").read_text(encoding="utf-8"))
     print(json.dumps(result["timings"], indent=1))
     return result
