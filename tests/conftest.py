@@ -47,6 +47,7 @@ SLOW_FILES = (
     "test_realign.py",
     "test_eval_generate.py",
     "test_pipeline.py",
+    "test_bench_training_cost.py",
     "test_cli_output.py",
     "test_shapes_coarse_stage.py",
     "test_pipeline_xl.py",
