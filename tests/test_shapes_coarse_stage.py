@@ -103,9 +103,7 @@ def test_every_table_cell_is_in_range_and_consistent(quick):
     for run in result["runs"].values():
         curve = run["reward_curve"]
         assert curve["steps"] == 2 and len(curve["objective_by_stretch"]) == 2
-        assert run["flags"] == (
-            ["--grad_step_range", "3", "4"] if run["mode"] == "refl" else ["--backprop_steps", "4"]
-        )
+        assert run["flags"] == (["--grad_step_range", "3", "4"] if run["mode"] == "refl" else ["--backprop_steps", "4"])
     saw = result["what_each_half_saw"]["halves"]
     assert saw["tuning"]["prompts"] == saw["half-a-rest"]["prompts"] == 48 and saw["half-b"]["prompts"] == 96
 
@@ -115,9 +113,7 @@ def test_no_half_b_prompt_reaches_a_run(quick, coarse_stage, tmp_path, monkeypat
     prompts = Path(result["data"]["prompts_file"]).read_text(encoding="utf-8").splitlines()
     assert set(prompts) == _half(0) and not set(prompts) & _half(1)
     trains = [e for e in result["events"] if e["event"] == "train"]
-    assert [e["run"] for e in trains] == list(result["runs"]) and all(
-        e["prompts_checked"] == 96 for e in trains
-    )
+    assert [e["run"] for e in trains] == list(result["runs"]) and all(e["prompts_checked"] == 96 for e in trains)
     for split in ("tuning", "half-a-rest"):
         assert set(result["splits"][split]["prompts"]) <= _half(0)
     assert set(result["splits"]["half-b"]["prompts"]) <= _half(1)
@@ -135,15 +131,8 @@ def test_no_half_b_prompt_reaches_a_run(quick, coarse_stage, tmp_path, monkeypat
     monkeypatch.setattr(coarse_stage, "train_in_process", lambda *args: launched.append(args))
     models = coarse_stage.shapes_models(None)
     with pytest.raises(AssertionError, match="half-B"):
-        coarse_stage.train_run(
-            "likelihood-refl",
-            models,
-            {"prompts_file": str(doctored), "pairs": str(data / "pairs")},
-            tmp_path / "runs",
-            2,
-            4,
-            coarse_stage.Events(tmp_path / "events.jsonl"),
-        )
+        coarse_stage.train_run("likelihood-refl", models, {"prompts_file": str(doctored), "pairs": str(data / "pairs")},
+                               tmp_path / "runs", 2, 4, coarse_stage.Events(tmp_path / "events.jsonl"))
     assert launched == []
 
 
@@ -159,19 +148,10 @@ def test_the_choice_is_written_before_half_b_is_generated(quick, coarse_stage):
     frozen = json.loads((out / "chosen.json").read_text(encoding="utf-8"))
     assert frozen["run"] == result["chosen"]["run"] == result["goal"]["run"] == events[chosen]["run"]
     assert frozen["time_s"] == events[chosen]["time_s"] and frozen["candidates"] == list(result["runs"])
-    assert [
-        line["event"] for line in map(json.loads, (out / "events.jsonl").read_text().splitlines())
-    ] == names
+    assert [line["event"] for line in map(json.loads, (out / "events.jsonl").read_text().splitlines())] == names
     # the quick run's tuning images tie or not: the rule picks the highest binding gain, then the cheaper mode
-    table = {
-        n: {"binding": {"difference": d}}
-        for n, d in (
-            ("likelihood-full", 0.1),
-            ("clip-refl", 0.1),
-            ("likelihood-draft", 0.1),
-            ("clip-draft", 0.0),
-        )
-    }
+    table = {n: {"binding": {"difference": d}} for n, d in
+             (("likelihood-full", 0.1), ("clip-refl", 0.1), ("likelihood-draft", 0.1), ("clip-draft", 0.0))}
     assert coarse_stage.choose(table, list(table))["run"] == "clip-refl"
     table["clip-draft"]["binding"]["difference"] = 0.2
     assert coarse_stage.choose(table, list(table))["run"] == "clip-draft"
@@ -193,20 +173,8 @@ def test_by_pairing_counts_the_coarse_images_against_the_base(coarse_stage):
     def row(prompt, seed, pairing, binding):
         return {"prompt": prompt, "seed": seed, "pairing": pairing, "coarse": {"binding": binding}}
 
-    base = [
-        row("a", 0, "p", 0),
-        row("a", 1, "p", 0),
-        row("b", 0, "q", 1),
-        row("c", 0, "r", 1),
-        row("d", 0, "s", None),
-    ]
-    run = [
-        row("a", 0, "p", 1),
-        row("a", 1, "p", 0),
-        row("b", 0, "q", 0),
-        row("c", 0, "r", 1),
-        row("d", 0, "s", 1),
-    ]
+    base = [row("a", 0, "p", 0), row("a", 1, "p", 0), row("b", 0, "q", 1), row("c", 0, "r", 1), row("d", 0, "s", None)]
+    run = [row("a", 0, "p", 1), row("a", 1, "p", 0), row("b", 0, "q", 0), row("c", 0, "r", 1), row("d", 0, "s", 1)]
     assert coarse_stage.by_pairing(base, run) == [
         {"pairing": "p", "images": 2, "base_wrong": 2, "fixed": 1, "broken": 0},
         {"pairing": "q", "images": 1, "base_wrong": 0, "fixed": 0, "broken": 1},
@@ -220,20 +188,10 @@ def test_publish_splits_the_result_and_keeps_every_read_out(quick, coarse_stage,
     assert "rows" not in summary and summary["tables"] == json.loads(json.dumps(result["tables"]))
     for split, configs in result["rows"].items():
         for config, rows in configs.items():
-            rebuilt = [
-                dict(zip(table["record_columns"], record)) | dict(zip(table["score_columns"], score))
-                for record, score in zip(table["records"][split], table["scores"][split][config], strict=True)
-            ]
+            rebuilt = [dict(zip(table["record_columns"], record)) | dict(zip(table["score_columns"], score))
+                       for record, score in zip(table["records"][split], table["scores"][split][config], strict=True)]
             assert len(rebuilt) == len(rows) > 0
             for r, b in zip(rows, rebuilt):
                 assert (b["prompt"], b["seed"], b["pairing"], b["realigned"]) == (
-                    r["prompt"],
-                    r["seed"],
-                    r["pairing"],
-                    r["realigned"],
-                )
-                assert all(
-                    b[f"{k}_{m}"] == r[k][m]
-                    for k in ("coarse", "fine")
-                    for m in ("binding", "presence", "position")
-                )
+                    r["prompt"], r["seed"], r["pairing"], r["realigned"])
+                assert all(b[f"{k}_{m}"] == r[k][m] for k in ("coarse", "fine") for m in ("binding", "presence", "position"))

@@ -97,15 +97,8 @@ CANDIDATES = tuple(f"{reward}-{mode}" for reward in CANDIDATE_REWARDS for mode i
 #: DDIM steps, and rollouts guided as the evaluation samples (guidance 4: in ReFL's no-grad rollout, at every
 #: step of a DRaFT chain).
 TRAIN_COMMON: dict[str, Any] = {
-    "resolution": 32,
-    "num_inference_steps": 20,
-    "rank": 8,
-    "learning_rate": 5e-4,
-    "train_batch_size": 4,
-    "pretrain_loss_weight": 1.0,
-    "reward_margin": 1.0,
-    "seed": 0,
-    "rollout_guidance_scale": 4.0,
+    "resolution": 32, "num_inference_steps": 20, "rank": 8, "learning_rate": 5e-4, "train_batch_size": 4,
+    "pretrain_loss_weight": 1.0, "reward_margin": 1.0, "seed": 0, "rollout_guidance_scale": 4.0,
 }
 SPLITS = ("tuning", "half-a-rest", "training", "half-b")
 #: The training split: a seeded sample of this many training-pairing prompts (``fine_stage_rates``'s tuning).
@@ -114,28 +107,14 @@ METRICS = ("binding", "presence", "position")
 #: The goal's bound on the training pairings' binding CI.
 TRAINING_BOUND = -0.02
 
-FULL: dict[str, Any] = {
-    "steps": 300,
-    "seeds": [0, 1, 2],
-    "limit": None,
-    "num_images": 512,
-    "num_inference_steps": 20,
-    "eval_steps": GENERATION["num_inference_steps"],
-    "replay": {"clip": (1500, 64), "itm": (3000, 48)},
-}
+FULL: dict[str, Any] = {"steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512,
+                        "num_inference_steps": 20, "eval_steps": GENERATION["num_inference_steps"],
+                        "replay": {"clip": (1500, 64), "itm": (3000, 48)}}
 #: The reduced run of the test: 2 runs, 2 steps of a 4-step chain, 2 prompts per split, 1 seed, 2 denoising
 #: steps in the evaluation, a short replay.
-QUICK: dict[str, Any] = {
-    "steps": 2,
-    "seeds": [0],
-    "limit": 2,
-    "num_images": 8,
-    "num_inference_steps": 4,
-    "eval_steps": 2,
-    "replay": {"clip": (3, 8), "itm": (3, 8)},
-    "runs": ["likelihood-refl", "clip-full"],
-    "blind": [],
-}
+QUICK: dict[str, Any] = {"steps": 2, "seeds": [0], "limit": 2, "num_images": 8, "num_inference_steps": 4,
+                         "eval_steps": 2, "replay": {"clip": (3, 8), "itm": (3, 8)},
+                         "runs": ["likelihood-refl", "clip-full"], "blind": []}
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
@@ -143,9 +122,7 @@ def split_name(name: str) -> tuple[str, str]:
     """``"likelihood-draft"`` -> ``("likelihood", "draft")``."""
     reward, _, mode = name.rpartition("-")
     if reward not in REWARDS or mode not in MODES:
-        raise ValueError(
-            f"unknown run {name!r}: <reward>-<mode> with reward in {tuple(REWARDS)}, mode in {MODES}"
-        )
+        raise ValueError(f"unknown run {name!r}: <reward>-<mode> with reward in {tuple(REWARDS)}, mode in {MODES}")
     return reward, mode
 
 
@@ -161,72 +138,28 @@ def mode_flags(mode: str, steps: int) -> list[str]:
     raise ValueError(f"unknown gradient mode {mode!r}; one of {MODES}")
 
 
-def run_command(
-    name: str,
-    models: dict[str, Path],
-    data: dict[str, Any],
-    output_dir: Path,
-    steps: int,
-    num_inference_steps: int,
-) -> list[str]:
+def run_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int,
+                num_inference_steps: int) -> list[str]:
     """The ``train_refl.py`` arguments of run `name` (``<reward>-<mode>``)."""
     reward, mode = split_name(name)
     spec = {**TRAIN_COMMON, **REWARDS[reward], "num_inference_steps": num_inference_steps}
-    cmd = [
-        "--pretrained_model_name_or_path",
-        str(models["pipeline"]),
-        "--reward",
-        spec["reward"],
-        "--reward_weight",
-        str(spec["reward_weight"]),
-        "--reward_margin",
-        str(spec["reward_margin"]),
-        "--prompts_file",
-        data["prompts_file"],
-        "--train_data_dir",
-        data["pairs"],
-        "--pretrain_loss_weight",
-        str(spec["pretrain_loss_weight"]),
-        "--resolution",
-        str(spec["resolution"]),
-        "--num_inference_steps",
-        str(num_inference_steps),
-        *mode_flags(mode, num_inference_steps),
-        "--rollout_guidance_scale",
-        str(spec["rollout_guidance_scale"]),
-        "--use_lora",
-        "--rank",
-        str(spec["rank"]),
-        "--learning_rate",
-        str(spec["learning_rate"]),
-        "--train_batch_size",
-        str(spec["train_batch_size"]),
-        "--max_train_steps",
-        str(steps),
-        "--seed",
-        str(spec["seed"]),
-        "--checkpointing_steps",
-        str(max(25, steps // 4)),
-        "--checkpoints_total_limit",
-        "1",
-        "--resume_from_checkpoint",
-        "latest",
-        "--report_to",
-        "none",
-        "--output_dir",
-        str(output_dir),
-    ]
+    cmd = ["--pretrained_model_name_or_path", str(models["pipeline"]), "--reward", spec["reward"],
+           "--reward_weight", str(spec["reward_weight"]), "--reward_margin", str(spec["reward_margin"]),
+           "--prompts_file", data["prompts_file"], "--train_data_dir", data["pairs"],
+           "--pretrain_loss_weight", str(spec["pretrain_loss_weight"]),
+           "--resolution", str(spec["resolution"]), "--num_inference_steps", str(num_inference_steps),
+           *mode_flags(mode, num_inference_steps),
+           "--rollout_guidance_scale", str(spec["rollout_guidance_scale"]),
+           "--use_lora", "--rank", str(spec["rank"]), "--learning_rate", str(spec["learning_rate"]),
+           "--train_batch_size", str(spec["train_batch_size"]), "--max_train_steps", str(steps),
+           "--seed", str(spec["seed"]), "--checkpointing_steps", str(max(25, steps // 4)),
+           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+           "--report_to", "none", "--output_dir", str(output_dir)]
     if spec["reward"] == "caption":
-        cmd += [
-            "--reward_model_path",
-            str(models["blip2-captioner"]),
-            "--reward_text_model_path",
-            str(models["blip2-itm"]),
-            "--reward_objective",
-            spec["reward_objective"],
-            "--reward_kwargs",
-            json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS}),
-        ]
+        cmd += ["--reward_model_path", str(models["blip2-captioner"]),
+                "--reward_text_model_path", str(models["blip2-itm"]),
+                "--reward_objective", spec["reward_objective"],
+                "--reward_kwargs", json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS})]
     else:
         cmd += ["--reward_model_path", str(models["clip" if spec["reward"] == "clip" else "blip2-itm"])]
     return cmd
@@ -236,15 +169,8 @@ def _sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def train_run(
-    name: str,
-    models: dict[str, Path],
-    data: dict[str, Any],
-    out: Path,
-    steps: int,
-    num_inference_steps: int,
-    events: Events,
-) -> dict[str, Any]:
+def train_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int,
+              num_inference_steps: int, events: Events) -> dict[str, Any]:
     """Train (or skip, or resume) run `name` into ``out/<name>``: skipped when its LoRA and ``train_stats.json``
     exist with the same settings (the command and the prompts file's hash), started over when the settings
     changed, resumed from its latest checkpoint otherwise. The prompts file is checked for half B right before
@@ -255,14 +181,8 @@ def train_run(
     lora, stats_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json"
     settings_file, timing_file = folder / "coarse_stage_settings.json", folder / "coarse_stage_timing.json"
     reward, mode = split_name(name)
-    record: dict[str, Any] = {
-        "name": name,
-        "reward": reward,
-        "mode": mode,
-        "folder": str(folder),
-        "flags": mode_flags(mode, num_inference_steps),
-        "steps": steps,
-    }
+    record: dict[str, Any] = {"name": name, "reward": reward, "mode": mode, "folder": str(folder),
+                              "flags": mode_flags(mode, num_inference_steps), "steps": steps}
     saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
     if lora.is_file() and stats_file.is_file() and saved == settings and timing_file.is_file():
         return {**record, "skipped": True, **json.loads(timing_file.read_text(encoding="utf-8"))}
@@ -272,9 +192,7 @@ def train_run(
     settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     lora.unlink(missing_ok=True)
     stats_file.unlink(missing_ok=True)
-    checked = check_prompts_file(
-        data["prompts_file"]
-    )  # half B reaches no run: asserted right before the launch
+    checked = check_prompts_file(data["prompts_file"])  # half B reaches no run: asserted right before the launch
     events.add("train", run=name, prompts_checked=checked)
     start = time.perf_counter()
     error: BaseException | None = None
@@ -287,11 +205,8 @@ def train_run(
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
-    timing = {
-        "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(steps, 1), 3),
-        "mode_in_words": stats.get("mode"),
-    }
+    timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3),
+              "mode_in_words": stats.get("mode")}
     timing_file.write_text(json.dumps(timing) + "\n", encoding="utf-8")
     return {**record, "skipped": False, **timing}
 
@@ -301,11 +216,9 @@ def curve(log_file: Path, points: int = 10) -> dict[str, Any]:
     and the mean objective over `points` equal stretches of the steps."""
     rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     chunks = [c for c in np.array_split(np.arange(len(rows)), min(points, len(rows))) if len(c)]
-    return {
-        **reward_curve(log_file),
-        "objective_by_stretch": [round(float(np.mean([rows[i]["objective"] for i in c])), 4) for c in chunks],
-        "stretch_last_steps": [int(rows[c[-1]]["step"]) for c in chunks],
-    }
+    return {**reward_curve(log_file),
+            "objective_by_stretch": [round(float(np.mean([rows[i]["objective"] for i in c])), 4) for c in chunks],
+            "stretch_last_steps": [int(rows[c[-1]]["step"]) for c in chunks]}
 
 
 # --- events (the order of what happened, for the record and the test) ----------------------------------------
@@ -314,19 +227,12 @@ class Events:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.items = (
-            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if path.is_file()
-            else []
-        )
+        self.items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                      if line.strip()] if path.is_file() else []
 
     def add(self, event: str, **fields: Any) -> dict[str, Any]:
-        item = {
-            "event": event,
-            "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            "time_s": time.time(),
-            **fields,
-        }
+        item = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                "time_s": time.time(), **fields}
         self.items.append(item)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(item) + "\n")
@@ -358,27 +264,13 @@ def _read(image, objects: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     return {m: checked[m] for m in METRICS}
 
 
-def evaluate(
-    pipe,
-    config: str,
-    lora: str | None,
-    split: str,
-    records: Sequence[dict[str, Any]],
-    seeds: Sequence[int],
-    generation: dict[str, Any],
-    batch_size: int,
-    cache: Path,
-    events: Events,
-) -> list[dict[str, Any]]:
+def evaluate(pipe, config: str, lora: str | None, split: str, records: Sequence[dict[str, Any]],
+             seeds: Sequence[int], generation: dict[str, Any], batch_size: int, cache: Path,
+             events: Events) -> list[dict[str, Any]]:
     """Coarse (the configuration alone) and fine (+ the fine stage) read-outs of every (record, seed), from
     ``cache/<config>/<split>.json`` when it holds the same settings, else generated (an event says when)."""
-    key = {
-        "config": config,
-        "lora_sha256": _sha256(Path(lora) / "pytorch_lora_weights.safetensors") if lora else None,
-        "generation": generation,
-        "seeds": list(seeds),
-        "prompts": [r["prompt"] for r in records],
-    }
+    key = {"config": config, "lora_sha256": _sha256(Path(lora) / "pytorch_lora_weights.safetensors") if lora else None,
+           "generation": generation, "seeds": list(seeds), "prompts": [r["prompt"] for r in records]}
     path = cache / config / f"{split}.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -393,32 +285,19 @@ def evaluate(
         rows = []
         for first in range(0, len(jobs), batch_size):
             chunk = jobs[first : first + batch_size]
-            out = pipe(
-                [r["prompt"] for r, _ in chunk],
-                realign=True,
-                generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                **generation,
-            )
+            out = pipe([r["prompt"] for r, _ in chunk], realign=True,
+                       generator=[torch.Generator().manual_seed(s) for _, s in chunk], **generation)
             for i, (record, seed) in enumerate(chunk):
-                rows.append(
-                    {
-                        "prompt": record["prompt"],
-                        "seed": seed,
-                        "form": record["form"],
-                        "pairing": pairing_key(record["objects"]),
-                        "realigned": bool(out.realigned[i]),
-                        "coarse": _read(out.coarse_images[i], record["objects"]),
-                        "fine": _read(out.images[i], record["objects"]),
-                    }
-                )
+                rows.append({"prompt": record["prompt"], "seed": seed, "form": record["form"],
+                             "pairing": pairing_key(record["objects"]), "realigned": bool(out.realigned[i]),
+                             "coarse": _read(out.coarse_images[i], record["objects"]),
+                             "fine": _read(out.images[i], record["objects"])})
     finally:
         if lora:
             pipe.unload_lora_weights()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"key": key, "seconds": round(time.perf_counter() - start, 2), "rows": rows}) + "\n",
-        encoding="utf-8",
-    )
+    path.write_text(json.dumps({"key": key, "seconds": round(time.perf_counter() - start, 2), "rows": rows})
+                    + "\n", encoding="utf-8")
     return rows
 
 
@@ -440,9 +319,7 @@ def compare(base_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
     return result
 
 
-def split_table(
-    base_rows: Sequence[dict[str, Any]], runs: dict[str, Sequence[dict[str, Any]]]
-) -> dict[str, Any]:
+def split_table(base_rows: Sequence[dict[str, Any]], runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """``{"fine stage": base fine vs base, <run>: run alone vs base, <run> + fine stage: ...}``."""
     table = {"fine stage": compare(base_rows, base_rows, "fine")}
     for name, rows in runs.items():
@@ -476,37 +353,22 @@ def by_pairing(
 
 def choose(tuning: dict[str, Any], candidates: Sequence[str]) -> dict[str, Any]:
     """The protocol's choice among `candidates` from their tuning-split comparisons (``split_table``)."""
-
     def binding(name: str) -> float:
         value = tuning[name].get("binding", {}).get("difference")
         return -math.inf if value is None else value
 
-    ranked = sorted(
-        candidates,
-        key=lambda n: (
-            -binding(n),
-            MODES.index(split_name(n)[1]),
-            CANDIDATE_REWARDS.index(split_name(n)[0])
-            if split_name(n)[0] in CANDIDATE_REWARDS
-            else len(CANDIDATE_REWARDS),
-            list(candidates).index(n),
-        ),
-    )
+    ranked = sorted(candidates, key=lambda n: (-binding(n), MODES.index(split_name(n)[1]),
+                                               CANDIDATE_REWARDS.index(split_name(n)[0])
+                                               if split_name(n)[0] in CANDIDATE_REWARDS else len(CANDIDATE_REWARDS),
+                                               list(candidates).index(n)))
     name = ranked[0]
     entry = tuning[name].get("binding", {})
-    return {
-        "run": name,
-        "reward": split_name(name)[0],
-        "mode": split_name(name)[1],
-        "tuning_binding_difference": entry.get("difference"),
-        "tuning_binding_ci": entry.get("difference_ci"),
-        "ranking": [
-            {"run": n, "tuning_binding_difference": None if binding(n) == -math.inf else binding(n)}
-            for n in ranked
-        ],
-        "rule": "highest binding difference (run alone vs base) on the tuning subset; ties: the cheaper "
-        "gradient mode (ReFL < DRaFT-K < full chain), then the caption likelihood before CLIP",
-    }
+    return {"run": name, "reward": split_name(name)[0], "mode": split_name(name)[1],
+            "tuning_binding_difference": entry.get("difference"), "tuning_binding_ci": entry.get("difference_ci"),
+            "ranking": [{"run": n, "tuning_binding_difference": None if binding(n) == -math.inf else binding(n)}
+                        for n in ranked],
+            "rule": "highest binding difference (run alone vs base) on the tuning subset; ties: the cheaper "
+                    "gradient mode (ReFL < DRaFT-K < full chain), then the caption likelihood before CLIP"}
 
 
 def goal(tables: dict[str, dict[str, Any]], chosen: str) -> dict[str, Any]:
@@ -514,22 +376,17 @@ def goal(tables: dict[str, dict[str, Any]], chosen: str) -> dict[str, Any]:
     half_b = tables.get("half-b", {}).get(chosen, {}).get("binding", {})
     training = tables.get("training", {}).get(chosen, {}).get("binding", {})
     b_ci, t_ci = half_b.get("difference_ci"), training.get("difference_ci")
-    return {
-        "run": chosen,
-        "half_b_binding_difference": half_b.get("difference"),
-        "half_b_binding_ci": b_ci,
-        "training_binding_difference": training.get("difference"),
-        "training_binding_ci": t_ci,
-        "half_b_ci_above_0": bool(b_ci and b_ci[0] > 0),
-        "training_ci_low_above_bound": bool(t_ci and t_ci[0] > TRAINING_BOUND),
-        "met": bool(b_ci and t_ci and b_ci[0] > 0 and t_ci[0] > TRAINING_BOUND),
-    }
+    return {"run": chosen,
+            "half_b_binding_difference": half_b.get("difference"), "half_b_binding_ci": b_ci,
+            "training_binding_difference": training.get("difference"), "training_binding_ci": t_ci,
+            "half_b_ci_above_0": bool(b_ci and b_ci[0] > 0),
+            "training_ci_low_above_bound": bool(t_ci and t_ci[0] > TRAINING_BOUND),
+            "met": bool(b_ci and t_ci and b_ci[0] > 0 and t_ci[0] > TRAINING_BOUND)}
 
 
 # --- what each half saw --------------------------------------------------------------------------------------
-def replay_negatives(
-    steps: int, batch_size: int, kind: str = "clip", seed: int = 0, swap_share: float = 0.7
-) -> Counter:
+def replay_negatives(steps: int, batch_size: int, kind: str = "clip", seed: int = 0,
+                     swap_share: float = 0.7) -> Counter:
     """Colour-swapped captions a seeded training stream used as negatives: ``Counter`` of (pairing, caption).
 
     Replays the data draws of ``train_clip.py`` (``kind="clip"``: every two-object scene's swap is a negative)
@@ -569,11 +426,9 @@ def what_each_half_saw(replay: dict[str, tuple[int, int]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"pairings": len(pairings), "prompts": len(prompts)}
         for kind, seen in streams.items():
             hits = {(p, c): n for (p, c), n in seen.items() if p in set(pairings)}
-            entry[kind] = {
-                "negative_captions": sum(hits.values()),
-                "pairings_seen": len({p for p, _ in hits}),
-                "prompts_seen": len(prompts & {c for _, c in hits}),
-            }
+            entry[kind] = {"negative_captions": sum(hits.values()),
+                           "pairings_seen": len({p for p, _ in hits}),
+                           "prompts_seen": len(prompts & {c for _, c in hits})}
         result["halves"][half] = entry
     return result
 
@@ -586,128 +441,68 @@ def _ci(values: Sequence[float] | None) -> str:
 def _cell(entry: dict[str, Any] | None) -> list[str]:
     if not entry:
         return ["—", "—", "—", "—"]
-    fix = (
-        "—"
-        if entry["fix_rate"] is None
-        else f"{entry['fix_rate']:.2f} ({entry['fixed']}/{entry['base_wrong']})"
-    )
-    brk = (
-        "—"
-        if entry["break_rate"] is None
-        else f"{entry['break_rate']:.3f} ({entry['broken']}/{entry['base_right']})"
-    )
-    return [
-        f"{entry['difference']:+.3f}{_ci(entry['difference_ci'])}",
-        f"{entry['fixed']} / {entry['unchanged']} / {entry['broken']} of {entry['n']}",
-        fix,
-        brk,
-    ]
+    fix = "—" if entry["fix_rate"] is None else f"{entry['fix_rate']:.2f} ({entry['fixed']}/{entry['base_wrong']})"
+    brk = "—" if entry["break_rate"] is None else f"{entry['break_rate']:.3f} ({entry['broken']}/{entry['base_right']})"
+    return [f"{entry['difference']:+.3f}{_ci(entry['difference_ci'])}",
+            f"{entry['fixed']} / {entry['unchanged']} / {entry['broken']} of {entry['n']}", fix, brk]
 
 
 def markdown(result: dict[str, Any]) -> str:
     chosen, target = result.get("chosen") or {}, result.get("goal") or {}
-    lines = [
-        f"# The coarse stage, measured ({result['model']})",
-        "",
-        (
-            f"Reward prompts: every half-A prompt; runs of {result['steps']} steps; evaluation seeds "
-            f"{', '.join(map(str, result['seeds']))}, {result['generation']['num_inference_steps']} DDIM steps, "
-            f"guidance {result['generation']['guidance_scale']}."
-        ),
-        "",
-    ]
+    lines = [f"# The coarse stage, measured ({result['model']})", "",
+             (f"Reward prompts: every half-A prompt; runs of {result['steps']} steps; evaluation seeds "
+              f"{', '.join(map(str, result['seeds']))}, {result['generation']['num_inference_steps']} DDIM steps, "
+              f"guidance {result['generation']['guidance_scale']}."), ""]
     if chosen:
-        lines += [
-            (
-                f"**Chosen on the tuning subset (frozen {chosen.get('time', '?')}):** `{chosen['run']}` "
-                f"(tuning binding difference {chosen['tuning_binding_difference']})."
-            ),
-            "",
-        ]
+        lines += [(f"**Chosen on the tuning subset (frozen {chosen.get('time', '?')}):** `{chosen['run']}` "
+                   f"(tuning binding difference {chosen['tuning_binding_difference']})."), ""]
     if target:
-        lines += [
-            (
-                f"**Goal** (half-B binding CI above 0, training binding CI low above {TRAINING_BOUND}): "
-                f"{'met' if target['met'] else 'not met'}; half B {target['half_b_binding_difference']}"
-                f"{_ci(target['half_b_binding_ci'])}, training {target['training_binding_difference']}"
-                f"{_ci(target['training_binding_ci'])}."
-            ),
-            "",
-        ]
+        lines += [(f"**Goal** (half-B binding CI above 0, training binding CI low above {TRAINING_BOUND}): "
+                   f"{'met' if target['met'] else 'not met'}; half B {target['half_b_binding_difference']}"
+                   f"{_ci(target['half_b_binding_ci'])}, training {target['training_binding_difference']}"
+                   f"{_ci(target['training_binding_ci'])}."), ""]
     headers = []
     for metric in METRICS:
-        headers += [
-            f"{metric} difference [CI]",
-            f"{metric} fixed / unchanged / broken",
-            f"{metric} fix rate",
-            f"{metric} break rate",
-        ]
+        headers += [f"{metric} difference [CI]", f"{metric} fixed / unchanged / broken", f"{metric} fix rate",
+                    f"{metric} break rate"]
     for split in SPLITS:
         table = result["tables"].get(split)
         if not table:
             continue
         label = " (exploratory but for the chosen run)" if split == "half-b" else ""
-        lines += [
-            f"## {split}{label}",
-            "",
-            (
-                f"Against the base model's plain images ({result['images'][split]} images); difference: after "
-                "- before, 95% CI clustered by pairing."
-            ),
-            "",
-            "| | " + " | ".join(headers) + " |",
-            "|---|" + "---:|" * len(headers),
-        ]
+        lines += [f"## {split}{label}", "",
+                  (f"Against the base model's plain images ({result['images'][split]} images); difference: after "
+                   "- before, 95% CI clustered by pairing."), "",
+                  "| | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
         for row, entry in table.items():
             cells = [c for metric in METRICS for c in _cell(entry.get(metric))]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     if chosen and result.get("by_pairing"):
-        lines += [
-            f"## Binding by pairing: `{chosen['run']}` alone against the base model",
-            "",
-            "The pairings where the base model errs or the run changes something (coarse images).",
-            "",
-            "| split | pairing | images | base wrong | fixed | broken |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
+        lines += [f"## Binding by pairing: `{chosen['run']}` alone against the base model", "",
+                  "The pairings where the base model errs or the run changes something (coarse images).", "",
+                  "| split | pairing | images | base wrong | fixed | broken |", "|---|---|---:|---:|---:|---:|"]
         for split in SPLITS:
             for entry in result["by_pairing"].get(split, {}).get(chosen["run"], []):
-                lines.append(
-                    f"| {split} | {entry['pairing']} | {entry['images']} | {entry['base_wrong']} | "
-                    f"{entry['fixed']} | {entry['broken']} |"
-                )
+                lines.append(f"| {split} | {entry['pairing']} | {entry['images']} | {entry['base_wrong']} | "
+                             f"{entry['fixed']} | {entry['broken']} |")
         lines.append("")
-    lines += [
-        "## Reward curves",
-        "",
-        "| run | mode | objective, first -> last fifth | L_pre, first -> last fifth | s / step |",
-        "|---|---|---:|---:|---:|",
-    ]
+    lines += ["## Reward curves", "",
+              "| run | mode | objective, first -> last fifth | L_pre, first -> last fifth | s / step |",
+              "|---|---|---:|---:|---:|"]
     for name, run in result["runs"].items():
         c = run["reward_curve"]
-        lines.append(
-            f"| {name} | {run.get('mode_in_words') or run['mode']} | {c['objective_first']} -> "
-            f"{c['objective_last']} | {c['loss_pre_first']} -> {c['loss_pre_last']} | "
-            f"{run.get('seconds_per_step')} |"
-        )
+        lines.append(f"| {name} | {run.get('mode_in_words') or run['mode']} | {c['objective_first']} -> "
+                     f"{c['objective_last']} | {c['loss_pre_first']} -> {c['loss_pre_last']} | "
+                     f"{run.get('seconds_per_step')} |")
     return "\n".join(lines) + "\n"
 
 
 # --- the command ---------------------------------------------------------------------------------------------
-def run(
-    out: str | Path,
-    model: str = "shapes-bow",
-    runs: Sequence[str] | None = None,
-    blind: Sequence[str] | None = None,
-    blind_mode: str = "chosen",
-    quick: bool = False,
-    steps: int | None = None,
-    seeds: Sequence[int] | None = None,
-    limit: int | None = None,
-    batch_size: int = 16,
-    models: str | None = None,
-) -> dict[str, Any]:
+def run(out: str | Path, model: str = "shapes-bow", runs: Sequence[str] | None = None,
+        blind: Sequence[str] | None = None, blind_mode: str = "chosen", quick: bool = False,
+        steps: int | None = None, seeds: Sequence[int] | None = None, limit: int | None = None,
+        batch_size: int = 16, models: str | None = None) -> dict[str, Any]:
     """Every step of the module docstring into `out`; returns what ``coarse_stage.json`` holds."""
     torch.set_num_threads(1)
     start_all = time.perf_counter()
@@ -742,9 +537,7 @@ def run(
     trained: dict[str, dict[str, Any]] = {}
     for name in runs:
         print(f"[coarse stage] train {name}", flush=True)
-        trained[name] = train_run(
-            name, paths, data, out / "runs", steps, preset["num_inference_steps"], events
-        )
+        trained[name] = train_run(name, paths, data, out / "runs", steps, preset["num_inference_steps"], events)
 
     pipe = load_pipeline(model, need_captioner=True)
     records = {split: split_records(split, limit) for split in SPLITS}
@@ -753,9 +546,8 @@ def run(
 
     def evaluate_config(config: str, split: str) -> None:
         lora = None if config == "base" else trained[config]["folder"]
-        rows[split][config] = evaluate(
-            pipe, config, lora, split, records[split], seeds, generation, batch_size, cache, events
-        )
+        rows[split][config] = evaluate(pipe, config, lora, split, records[split], seeds, generation, batch_size,
+                                       cache, events)
 
     t = time.perf_counter()
     for config in ["base", *runs]:
@@ -766,11 +558,9 @@ def run(
     if chosen_file.is_file():
         frozen = json.loads(chosen_file.read_text(encoding="utf-8"))
         if frozen["run"] != choice["run"] or frozen["candidates"] != runs:
-            raise RuntimeError(
-                f"{chosen_file} froze {frozen['run']} among {frozen['candidates']}; the tuning images "
-                f"now choose {choice['run']} among {runs}. Delete {chosen_file} (and the half-B "
-                "evaluation) deliberately to choose again."
-            )
+            raise RuntimeError(f"{chosen_file} froze {frozen['run']} among {frozen['candidates']}; the tuning images "
+                               f"now choose {choice['run']} among {runs}. Delete {chosen_file} (and the half-B "
+                               "evaluation) deliberately to choose again.")
         choice = frozen
     else:
         stamp = events.add("chosen", run=choice["run"])
@@ -784,9 +574,7 @@ def run(
     for name in blind_runs:
         if name not in trained:
             print(f"[coarse stage] train {name} (blind to colour swaps; exploratory)", flush=True)
-            trained[name] = train_run(
-                name, paths, data, out / "runs", steps, preset["num_inference_steps"], events
-            )
+            trained[name] = train_run(name, paths, data, out / "runs", steps, preset["num_inference_steps"], events)
     every = list(dict.fromkeys([*runs, *blind_runs]))
 
     t = time.perf_counter()
@@ -811,36 +599,17 @@ def run(
     result: dict[str, Any] = {
         "protocol": __doc__.split("The protocol, fixed before any result was seen:")[1].strip(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
-        "quick": quick,
-        "model": model,
-        "models": {k: str(v) for k, v in paths.items()},
-        "train_common": TRAIN_COMMON,
-        "num_inference_steps_training": preset["num_inference_steps"],
-        "steps": steps,
-        "seeds": seeds,
-        "limit": limit,
-        "generation": generation,
-        "data": data,
-        "candidates": runs,
-        "blind_runs": blind_runs,
-        "chosen": choice,
-        "goal": goal(tables, choice["run"]),
+        "quick": quick, "model": model, "models": {k: str(v) for k, v in paths.items()},
+        "train_common": TRAIN_COMMON, "num_inference_steps_training": preset["num_inference_steps"],
+        "steps": steps, "seeds": seeds, "limit": limit, "generation": generation, "data": data,
+        "candidates": runs, "blind_runs": blind_runs, "chosen": choice, "goal": goal(tables, choice["run"]),
         "runs": {n: trained[n] for n in every},
-        "splits": {
-            s: {
-                "prompts": [r["prompt"] for r in records[s]],
-                "pairings": sorted({pairing_key(r["objects"]) for r in records[s]}),
-            }
-            for s in SPLITS
-        },
+        "splits": {s: {"prompts": [r["prompt"] for r in records[s]],
+                       "pairings": sorted({pairing_key(r["objects"]) for r in records[s]})} for s in SPLITS},
         "images": {s: len(rows[s]["base"]) for s in SPLITS},
         "tables": tables,
-        "by_pairing": {
-            split: {n: by_pairing(rows[split]["base"], rows[split][n]) for n in every} for split in SPLITS
-        },
-        "what_each_half_saw": saw,
-        "events": events.items,
-        "timings": timings,
+        "by_pairing": {split: {n: by_pairing(rows[split]["base"], rows[split][n]) for n in every} for split in SPLITS},
+        "what_each_half_saw": saw, "events": events.items, "timings": timings,
         "rows": rows,
     }
     (out / "coarse_stage.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -877,63 +646,27 @@ def publish(result: dict[str, Any], stem: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (rerunning skips finished work)")
-    parser.add_argument(
-        "--model", default="shapes-bow", help="shapes-bow (default), shapes, or a pipeline folder"
-    )
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        default=None,
-        help=f"candidate runs, <reward>-<mode> (default: {' '.join(CANDIDATES)})",
-    )
-    parser.add_argument(
-        "--blind",
-        nargs="*",
-        default=None,
-        choices=list(REWARDS),
-        help=f"rewards run once in --blind_mode (default: {' '.join(BLIND_REWARDS)}; none: --blind)",
-    )
-    parser.add_argument(
-        "--blind_mode",
-        default="chosen",
-        choices=("chosen", *MODES),
-        help="the gradient mode of the --blind runs (default: the chosen run's)",
-    )
+    parser.add_argument("--model", default="shapes-bow", help="shapes-bow (default), shapes, or a pipeline folder")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help=f"candidate runs, <reward>-<mode> (default: {' '.join(CANDIDATES)})")
+    parser.add_argument("--blind", nargs="*", default=None, choices=list(REWARDS),
+                        help=f"rewards run once in --blind_mode (default: {' '.join(BLIND_REWARDS)}; none: --blind)")
+    parser.add_argument("--blind_mode", default="chosen", choices=("chosen", *MODES),
+                        help="the gradient mode of the --blind runs (default: the chosen run's)")
     parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {FULL['steps']})")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0 1 2)")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="a seeded subset of this many prompts per split"
-    )
+    parser.add_argument("--limit", type=int, default=None, help="a seeded subset of this many prompts per split")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per pipeline call")
-    parser.add_argument(
-        "--models", default=None, help="as experiment.py --models (default: the shipped assets)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="the reduced run (2 runs, 2 steps, 2 prompts per split)"
-    )
-    parser.add_argument(
-        "--publish",
-        default=None,
-        help="also write STEM.json (the result without per-image read-outs) and STEM_rows.json (them, by columns)",
-    )
+    parser.add_argument("--models", default=None, help="as experiment.py --models (default: the shipped assets)")
+    parser.add_argument("--quick", action="store_true", help="the reduced run (2 runs, 2 steps, 2 prompts per split)")
+    parser.add_argument("--publish", default=None,
+                        help="also write STEM.json (the result without per-image read-outs) and STEM_rows.json "
+                             "(them, by columns)")
     args = parser.parse_args(argv)
-    result = run(
-        args.out,
-        args.model,
-        args.runs,
-        args.blind,
-        args.blind_mode,
-        args.quick,
-        args.steps,
-        args.seeds,
-        args.limit,
-        args.batch_size,
-        args.models,
-    )
+    result = run(args.out, args.model, args.runs, args.blind, args.blind_mode, args.quick, args.steps, args.seeds,
+                 args.limit, args.batch_size, args.models)
     if args.publish:
         publish(result, args.publish)
     print((Path(args.out) / "coarse_stage.md").read_text(encoding="utf-8"))

@@ -89,27 +89,13 @@ REFL_RUNS: dict[str, dict[str, Any]] = {
     "refl-blip": {"reward": "blip", "reward_weight": 2.0},
 }
 
-FULL = {
-    "refl_steps": 300,
-    "seeds": [0, 1, 2],
-    "limit": None,
-    "num_images": 512,
-    "num_prompts": 256,
-    "refl_overrides": {},
-    "eval_steps": None,
-}
+FULL = {"refl_steps": 300, "seeds": [0, 1, 2], "limit": None, "num_images": 512, "num_prompts": 256,
+        "refl_overrides": {}, "eval_steps": None}
 #: The smoke test: 4 prompts, 1 seed, 2 ReFL steps, and a 4-step chain everywhere (the ReFL rollouts take the
 #: gradient at their last step; the evaluation samples 4 DDIM steps instead of the presets' 20): the same runs,
 #: files and tables, at a fraction of the sampling.
-QUICK = {
-    "refl_steps": 2,
-    "seeds": [0],
-    "limit": 4,
-    "num_images": 16,
-    "num_prompts": 16,
-    "refl_overrides": {"num_inference_steps": 4, "grad_step_range": (3, 4)},
-    "eval_steps": 4,
-}
+QUICK = {"refl_steps": 2, "seeds": [0], "limit": 4, "num_images": 16, "num_prompts": 16,
+         "refl_overrides": {"num_inference_steps": 4, "grad_step_range": (3, 4)}, "eval_steps": 4}
 
 #: Table columns: (metrics.json entry, header).
 COLUMNS = (
@@ -125,16 +111,10 @@ def shapes_models(models: str | os.PathLike | None) -> dict[str, Path]:
     if models is None:
         from realign_pipeline.shapes.pretrained import shapes_model_path
 
-        return {
-            name: shapes_model_path(name) for name in MODEL_NAMES
-        }  # FileNotFoundError says what is missing
+        return {name: shapes_model_path(name) for name in MODEL_NAMES}  # FileNotFoundError says what is missing
     root = Path(models)
     found = {name: root / name for name in MODEL_NAMES}
-    missing = [
-        n
-        for n, p in found.items()
-        if not (p / "config.json").is_file() and not (p / "model_index.json").is_file()
-    ]
+    missing = [n for n, p in found.items() if not (p / "config.json").is_file() and not (p / "model_index.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"--models {root}: missing {missing} (each a from_pretrained folder: pipeline/ with model_index.json, "
@@ -144,72 +124,28 @@ def shapes_models(models: str | os.PathLike | None) -> dict[str, Path]:
 
 
 # --- ReFL ----------------------------------------------------------------------------------------------------
-def refl_command(
-    name: str,
-    models: dict[str, Path],
-    data: dict[str, Any],
-    output_dir: Path,
-    steps: int,
-    overrides: dict[str, Any] | None = None,
-) -> list[str]:
+def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int,
+                 overrides: dict[str, Any] | None = None) -> list[str]:
     """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`), with `overrides` of its settings."""
     spec = {**REFL_COMMON, **REFL_RUNS[name], **(overrides or {})}
-    cmd = [
-        sys.executable,
-        str(TRAIN_REFL),
-        "--pretrained_model_name_or_path",
-        str(models["pipeline"]),
-        "--reward",
-        spec["reward"],
-        "--reward_weight",
-        str(spec["reward_weight"]),
-        "--reward_margin",
-        str(spec["reward_margin"]),
-        "--prompts_file",
-        data["prompts_file"],
-        "--train_data_dir",
-        data["pairs"],
-        "--pretrain_loss_weight",
-        str(spec["pretrain_loss_weight"]),
-        "--resolution",
-        str(spec["resolution"]),
-        "--num_inference_steps",
-        str(spec["num_inference_steps"]),
-        "--grad_step_range",
-        *map(str, spec["grad_step_range"]),
-        "--use_lora",
-        "--rank",
-        str(spec["rank"]),
-        "--learning_rate",
-        str(spec["learning_rate"]),
-        "--train_batch_size",
-        str(spec["train_batch_size"]),
-        "--max_train_steps",
-        str(steps),
-        "--seed",
-        str(spec["seed"]),
-        "--checkpointing_steps",
-        str(max(25, steps // 4)),
-        "--checkpoints_total_limit",
-        "1",
-        "--resume_from_checkpoint",
-        "latest",
-        "--report_to",
-        "none",
-        "--output_dir",
-        str(output_dir),
-    ]
+    cmd = [sys.executable, str(TRAIN_REFL),
+           "--pretrained_model_name_or_path", str(models["pipeline"]),
+           "--reward", spec["reward"],
+           "--reward_weight", str(spec["reward_weight"]), "--reward_margin", str(spec["reward_margin"]),
+           "--prompts_file", data["prompts_file"], "--train_data_dir", data["pairs"],
+           "--pretrain_loss_weight", str(spec["pretrain_loss_weight"]),
+           "--resolution", str(spec["resolution"]), "--num_inference_steps", str(spec["num_inference_steps"]),
+           "--grad_step_range", *map(str, spec["grad_step_range"]),
+           "--use_lora", "--rank", str(spec["rank"]), "--learning_rate", str(spec["learning_rate"]),
+           "--train_batch_size", str(spec["train_batch_size"]), "--max_train_steps", str(steps),
+           "--seed", str(spec["seed"]), "--checkpointing_steps", str(max(25, steps // 4)),
+           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+           "--report_to", "none", "--output_dir", str(output_dir)]
     if spec["reward"] == "caption":
-        cmd += [
-            "--reward_model_path",
-            str(models["blip2-captioner"]),
-            "--reward_text_model_path",
-            str(models["blip2-itm"]),
-            "--reward_objective",
-            spec["reward_objective"],
-            "--reward_kwargs",
-            json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS}),
-        ]
+        cmd += ["--reward_model_path", str(models["blip2-captioner"]),
+                "--reward_text_model_path", str(models["blip2-itm"]),
+                "--reward_objective", spec["reward_objective"],
+                "--reward_kwargs", json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS})]
     else:
         cmd += ["--reward_model_path", str(models["clip" if spec["reward"] == "clip" else "blip2-itm"])]
     return cmd
@@ -227,11 +163,8 @@ def train_in_process(argv: list[str], log_path: Path) -> None:
 
     root = logging.getLogger()
     handlers = list(root.handlers)
-    with (
-        log_path.open("a", encoding="utf-8") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
+    with log_path.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         for handler in handlers:  # the script's own logging goes to its log, not to the terminal
             root.removeHandler(handler)
         try:
@@ -243,37 +176,20 @@ def train_in_process(argv: list[str], log_path: Path) -> None:
                 root.addHandler(handler)
 
 
-def train_refl_run(
-    name: str,
-    models: dict[str, Path],
-    data: dict[str, Any],
-    out: Path,
-    steps: int,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or skip / resume) one ReFL LoRA into ``out/<name>``; returns its record for experiment.json."""
     folder = out / name
     cmd = refl_command(name, models, data, folder, steps, overrides)
     settings = {"command": [str(c) for c in cmd[1:]], "steps": steps}
-    lora, stats_file, settings_file = (
-        folder / "pytorch_lora_weights.safetensors",
-        folder / "train_stats.json",
-        folder / "experiment_settings.json",
-    )
-    record: dict[str, Any] = {
-        "folder": str(folder),
-        "lora": str(lora),
-        "steps": steps,
-        **REFL_RUNS[name],
-        **(overrides or {}),
-    }
+    lora, stats_file, settings_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json", \
+        folder / "experiment_settings.json"
+    record: dict[str, Any] = {"folder": str(folder), "lora": str(lora), "steps": steps, **REFL_RUNS[name],
+                              **(overrides or {})}
     saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
     if lora.is_file() and stats_file.is_file() and saved == settings:
-        return {
-            **record,
-            "skipped": True,
-            **json.loads(settings_file.with_name("experiment_timing.json").read_text(encoding="utf-8")),
-        }
+        return {**record, "skipped": True, **json.loads(settings_file.with_name("experiment_timing.json")
+                                                       .read_text(encoding="utf-8"))}
     if saved is not None and saved != settings:  # other settings: start over
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,9 +205,7 @@ def train_refl_run(
     seconds = time.perf_counter() - start
     if error is not None or not lora.is_file():
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(
-            f"ReFL run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}"
-        ) from error
+        raise RuntimeError(f"ReFL run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
     timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3)}
     (folder / "experiment_timing.json").write_text(json.dumps(timing) + "\n", encoding="utf-8")
     return {**record, "skipped": False, **timing}
@@ -307,13 +221,9 @@ def caption_reward_metric(models: dict[str, Path]):
         def __str__(self) -> str:
             return f"caption_reward({models['blip2-captioner']}, {models['blip2-itm']}, {MAX_CAPTION_TOKENS})"
 
-    metric = ShapesCaptionReward.from_pretrained(
-        str(models["blip2-captioner"]),
-        device="cpu",
-        dtype=torch.float32,
-        text_encoder=str(models["blip2-itm"]),
-        max_new_tokens=MAX_CAPTION_TOKENS,
-    )
+    metric = ShapesCaptionReward.from_pretrained(str(models["blip2-captioner"]), device="cpu", dtype=torch.float32,
+                                                 text_encoder=str(models["blip2-itm"]),
+                                                 max_new_tokens=MAX_CAPTION_TOKENS)
     return metric
 
 
@@ -326,19 +236,10 @@ def eval_configs(models: dict[str, Path], loras: dict[str, str], steps: int | No
     common = {"model": pipeline, **({} if steps is None else {"steps": int(steps)})}
     configs = [load_config("shapes").replace(**common), load_config("shapes-realign").replace(**common)]
     for name, lora in loras.items():
-        configs.append(
-            load_config("shapes-refl").replace(
-                name=name, lora=lora, **common, description=f"shapes + ReFL LoRA {name}"
-            )
-        )
-        configs.append(
-            load_config("shapes-refl+realign").replace(
-                name=f"{name}+realign",
-                lora=lora,
-                **common,
-                description=f"shapes + ReFL LoRA {name} + fine stage",
-            )
-        )
+        configs.append(load_config("shapes-refl").replace(name=name, lora=lora, **common,
+                                                          description=f"shapes + ReFL LoRA {name}"))
+        configs.append(load_config("shapes-refl+realign").replace(
+            name=f"{name}+realign", lora=lora, **common, description=f"shapes + ReFL LoRA {name} + fine stage"))
     return configs
 
 
@@ -374,42 +275,21 @@ def _cell(entry: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     return text, {"mean": mean, "ci": ci, "n": entry.get("n")}
 
 
-def write_table(
-    path: Path, title: str, note: str, rows: list[tuple[str, str]], eval_dir: Path
-) -> dict[str, Any]:
+def write_table(path: Path, title: str, note: str, rows: list[tuple[str, str]], eval_dir: Path) -> dict[str, Any]:
     """``path``.md and .json: one row per (label, configuration), the :data:`COLUMNS` as mean [95% CI]."""
     from realign_pipeline.evaluation.run import config_folder_name
 
-    lines = [
-        f"# {title}",
-        "",
-        note,
-        "",
-        "| | " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
-    ]
+    lines = [f"# {title}", "", note, "",
+             "| | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     table: dict[str, Any] = {"title": title, "columns": [m for m, _ in COLUMNS], "rows": []}
     for label, config in rows:
-        metrics = json.loads(
-            (eval_dir / config_folder_name(config) / "metrics.json").read_text(encoding="utf-8")
-        )
+        metrics = json.loads((eval_dir / config_folder_name(config) / "metrics.json").read_text(encoding="utf-8"))
         cells = [_cell(metrics["metrics"].get(m)) for m, _ in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(c[0] for c in cells) + " |")
-        table["rows"].append(
-            {
-                "label": label,
-                "config": config,
-                "values": {m: c[1] for (m, _), c in zip(COLUMNS, cells, strict=True)},
-            }
-        )
-    lines += [
-        "",
-        (
-            "Mean over every image of every seed; [95% CI]: prompt-clustered percentile bootstrap (2000 "
-            "resamples, seeds of a prompt kept together). Position: the left/right prompts only."
-        ),
-        "",
-    ]
+        table["rows"].append({"label": label, "config": config,
+                              "values": {m: c[1] for (m, _), c in zip(COLUMNS, cells, strict=True)}})
+    lines += ["", ("Mean over every image of every seed; [95% CI]: prompt-clustered percentile bootstrap (2000 "
+                   "resamples, seeds of a prompt kept together). Position: the left/right prompts only."), ""]
     path.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     path.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     return table
@@ -420,46 +300,27 @@ def write_tables(out: Path, eval_dir: Path, num_prompts: int, seeds: list[int]) 
     scope = f"shapes-heldout ({num_prompts} prompts, held-out pairings), seeds {', '.join(map(str, seeds))}."
     return {
         "table2": write_table(
-            out / "table2",
-            "Table 2 (shapes world): the two stages",
+            out / "table2", "Table 2 (shapes world): the two stages",
             "Paper Table 2's layout: base model, + fine stage (RealignDiff's re-aligned sampling), + coarse stage "
             "(ReFL with the caption reward, likelihood objective), both. " + scope,
-            [
-                ("base", "shapes"),
-                ("+ fine stage", "shapes-realign"),
-                ("+ ReFL (caption reward)", "refl-caption-likelihood"),
-                ("+ ReFL + fine stage", "refl-caption-likelihood+realign"),
-            ],
-            eval_dir,
-        ),
+            [("base", "shapes"), ("+ fine stage", "shapes-realign"),
+             ("+ ReFL (caption reward)", "refl-caption-likelihood"),
+             ("+ ReFL + fine stage", "refl-caption-likelihood+realign")], eval_dir),
         "table3": write_table(
-            out / "table3",
-            "Table 3 (shapes world): the ReFL reward",
+            out / "table3", "Table 3 (shapes world): the ReFL reward",
             "Paper Table 3's layout: ReFL with the caption reward (Eq. 4, likelihood objective) vs the world's "
             "CLIP vs the BLIP-2 ITM match probability, without and with the fine stage. " + scope,
-            [
-                ("caption reward", "refl-caption-likelihood"),
-                ("CLIP", "refl-clip"),
-                ("BLIP-2 ITM", "refl-blip"),
-                ("caption reward + fine stage", "refl-caption-likelihood+realign"),
-                ("CLIP + fine stage", "refl-clip+realign"),
-                ("BLIP-2 ITM + fine stage", "refl-blip+realign"),
-            ],
-            eval_dir,
-        ),
+            [("caption reward", "refl-caption-likelihood"), ("CLIP", "refl-clip"), ("BLIP-2 ITM", "refl-blip"),
+             ("caption reward + fine stage", "refl-caption-likelihood+realign"),
+             ("CLIP + fine stage", "refl-clip+realign"), ("BLIP-2 ITM + fine stage", "refl-blip+realign")],
+            eval_dir),
         "objectives": write_table(
-            out / "objectives",
-            "The caption reward's differentiable objectives",
+            out / "objectives", "The caption reward's differentiable objectives",
             "ReFL with Eq. 4's caption reward through the teacher-forced likelihood of the prompt vs the "
             "score-function (REINFORCE) estimate of the expected Eq. 4 reward (docs/rewards.md). " + scope,
-            [
-                ("likelihood", "refl-caption-likelihood"),
-                ("score function", "refl-caption-scorefn"),
-                ("likelihood + fine stage", "refl-caption-likelihood+realign"),
-                ("score function + fine stage", "refl-caption-scorefn+realign"),
-            ],
-            eval_dir,
-        ),
+            [("likelihood", "refl-caption-likelihood"), ("score function", "refl-caption-scorefn"),
+             ("likelihood + fine stage", "refl-caption-likelihood+realign"),
+             ("score function + fine stage", "refl-caption-scorefn+realign")], eval_dir),
     }
 
 
@@ -472,11 +333,7 @@ DIFFERENCES = (
     ("+ ReFL (BLIP-2 ITM) vs base", "shapes", "refl-blip"),
     ("+ ReFL (caption reward, score function) vs base", "shapes", "refl-caption-scorefn"),
     ("score function vs likelihood (ReFL)", "refl-caption-likelihood", "refl-caption-scorefn"),
-    (
-        "+ fine stage, after ReFL (caption reward)",
-        "refl-caption-likelihood",
-        "refl-caption-likelihood+realign",
-    ),
+    ("+ fine stage, after ReFL (caption reward)", "refl-caption-likelihood", "refl-caption-likelihood+realign"),
 )
 
 
@@ -492,12 +349,9 @@ def _per_image_scores(eval_dir: Path, config: str) -> dict[tuple[str, str], dict
     return scores
 
 
-def _paired(
-    a: dict[tuple[str, str], dict[str, Any]], b: dict[tuple[str, str], dict[str, Any]], metric: str
-) -> dict[str, Any]:
-    keys = sorted(
-        k for k in a.keys() & b.keys() if a[k].get(metric) is not None and b[k].get(metric) is not None
-    )
+def _paired(a: dict[tuple[str, str], dict[str, Any]], b: dict[tuple[str, str], dict[str, Any]],
+            metric: str) -> dict[str, Any]:
+    keys = sorted(k for k in a.keys() & b.keys() if a[k].get(metric) is not None and b[k].get(metric) is not None)
     if not keys:
         return {"mean": None, "ci": None, "n": 0, "fixed": 0, "broken": 0}
     from realign_pipeline.evaluation.score import bootstrap_ci
@@ -506,18 +360,10 @@ def _paired(
     diffs = [y - x for x, y in zip(before, after, strict=True)]
     low, high = bootstrap_ci(diffs, groups=[k[1] for k in keys])
     fixed, broken = fixed_and_broken(before, after)
-    return {
-        "mean": float(np.mean(diffs)),
-        "ci": [low, high],
-        "n": len(keys),
-        "fixed": fixed,
-        "broken": broken,
-    }
+    return {"mean": float(np.mean(diffs)), "ci": [low, high], "n": len(keys), "fixed": fixed, "broken": broken}
 
 
-def paired_difference(
-    eval_dir: Path, config_a: str, config_b: str, metric: str = "shapes_binding"
-) -> dict[str, Any]:
+def paired_difference(eval_dir: Path, config_a: str, config_b: str, metric: str = "shapes_binding") -> dict[str, Any]:
     """Mean of B - A over the images both have (same prompt, same seed), its 95% prompt-clustered bootstrap CI,
     and for 0/1 metrics how many images B fixed (A 0, B 1) and broke (A 1, B 0). Pairing removes the variation
     between prompts, which dominates the CIs of the means, so a small effect shows here first."""
@@ -526,17 +372,11 @@ def paired_difference(
 
 def write_differences(out: Path, eval_dir: Path) -> dict[str, Any]:
     """``differences.md`` / ``.json``: :data:`DIFFERENCES` for binding and presence."""
-    lines = [
-        "# Paired differences",
-        "",
-        (
-            "B - A on the same prompts and seeds, mean [95% CI] (prompt-clustered bootstrap); fixed / broken: images "
-            "whose binding (presence) went 0 -> 1 / 1 -> 0."
-        ),
-        "",
-        "| | binding B - A | binding fixed / broken | presence B - A | presence fixed / broken |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    lines = ["# Paired differences", "",
+             ("B - A on the same prompts and seeds, mean [95% CI] (prompt-clustered bootstrap); fixed / broken: images "
+             "whose binding (presence) went 0 -> 1 / 1 -> 0."), "",
+             "| | binding B - A | binding fixed / broken | presence B - A | presence fixed / broken |",
+             "|---|---:|---:|---:|---:|"]
     table: dict[str, Any] = {"rows": []}
     scores = {c: _per_image_scores(eval_dir, c) for c in {c for _, a, b in DIFFERENCES for c in (a, b)}}
     for label, config_a, config_b in DIFFERENCES:
@@ -547,10 +387,7 @@ def write_differences(out: Path, eval_dir: Path) -> dict[str, Any]:
             if d["mean"] is None:
                 cells += ["—", "—"]
             else:
-                cells += [
-                    f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]",
-                    f"{d['fixed']} / {d['broken']}",
-                ]
+                cells += [f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]", f"{d['fixed']} / {d['broken']}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         table["rows"].append(row)
     (out / "differences.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -587,39 +424,28 @@ def run_experiment(
     timings: dict[str, Any] = {}
 
     start = time.perf_counter()
-    data = make_refl_data(
-        out / "refl-data", num_images=preset["num_images"], num_prompts=preset["num_prompts"]
-    )
+    data = make_refl_data(out / "refl-data", num_images=preset["num_images"], num_prompts=preset["num_prompts"])
     timings["refl_data"] = round(time.perf_counter() - start, 2)
 
     runs = {}
     for name in REFL_RUNS:
         print(f"[experiment] ReFL {name}: {steps} step(s)", flush=True)
         runs[name] = train_refl_run(name, paths, data, out / "refl", steps, preset["refl_overrides"] or None)
-    timings["refl"] = {
-        n: {k: r.get(k) for k in ("seconds", "seconds_per_step", "skipped")} for n, r in runs.items()
-    }
+    timings["refl"] = {n: {k: r.get(k) for k in ("seconds", "seconds_per_step", "skipped")} for n, r in runs.items()}
 
     print("[experiment] evaluation", flush=True)
     eval_dir = out / "eval"
     result = run_evaluation(
-        eval_configs(paths, {n: r["folder"] for n, r in runs.items()}, preset["eval_steps"]),
-        heldout_records(limit),
+        eval_configs(paths, {n: r["folder"] for n, r in runs.items()}, preset["eval_steps"]), heldout_records(limit),
         eval_dir,
-        metrics=["shapes", "caption_reward"],
-        seeds=seeds,
-        batch_size=batch_size,
-        device="cpu",
-        dtype=torch.float32,
-        model_paths={"caption_reward": caption_reward_metric(paths)},
-        progress=progress,
+        metrics=["shapes", "caption_reward"], seeds=seeds,
+        batch_size=batch_size, device="cpu", dtype=torch.float32,
+        model_paths={"caption_reward": caption_reward_metric(paths)}, progress=progress,
     )
     timings["evaluation"] = result["seconds"]
     if result["generated"]:
         timings["evaluation"]["images_generated"] = result["generated"]
-        timings["evaluation"]["seconds_per_image"] = round(
-            result["seconds"]["generate"] / result["generated"], 4
-        )
+        timings["evaluation"]["seconds_per_image"] = round(result["seconds"]["generate"] / result["generated"], 4)
 
     start = time.perf_counter()
     tables = write_tables(out, eval_dir, result["num_prompts"], seeds)
@@ -631,10 +457,8 @@ def run_experiment(
         "quick": quick,
         "models": {k: str(v) for k, v in paths.items()},
         "refl_steps": steps,
-        "refl_common": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in {**REFL_COMMON, **preset["refl_overrides"]}.items()
-        },
+        "refl_common": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in {**REFL_COMMON, **preset["refl_overrides"]}.items()},
         "eval_steps": preset["eval_steps"] or load_config("shapes").steps,
         "refl_runs": runs,
         "refl_data": data,
@@ -643,11 +467,7 @@ def run_experiment(
         "num_prompts": result["num_prompts"],
         "seeds": seeds,
         "limit": limit,
-        "evaluation": {
-            "summary": result["summary"],
-            "report": result["report"],
-            "configs": result["configs"],
-        },
+        "evaluation": {"summary": result["summary"], "report": result["report"], "configs": result["configs"]},
         "tables": {k: str(out / f"{k}.md") for k in tables},
         "grid": result["report"].get("grid_png"),
         "timings": timings,
@@ -664,40 +484,19 @@ def run_experiment(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="The shapes-world Tables 2 and 3 (+ caption objectives), one command."
-    )
+    parser = argparse.ArgumentParser(description="The shapes-world Tables 2 and 3 (+ caption objectives), one command.")
     parser.add_argument("--out", required=True, help="output folder (rerunning skips finished work)")
-    parser.add_argument(
-        "--models",
-        default=None,
-        help="folder with pipeline/, clip/, blip2-captioner/, blip2-itm/ (default: shipped assets)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="4 prompts, 1 seed, 2 ReFL steps, 4-step chains (a smoke test)"
-    )
-    parser.add_argument(
-        "--refl-steps", type=int, default=None, help=f"ReFL steps per run (default {FULL['refl_steps']})"
-    )
+    parser.add_argument("--models", default=None,
+                        help="folder with pipeline/, clip/, blip2-captioner/, blip2-itm/ (default: shipped assets)")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 1 seed, 2 ReFL steps, 4-step chains (a smoke test)")
+    parser.add_argument("--refl-steps", type=int, default=None, help=f"ReFL steps per run (default {FULL['refl_steps']})")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="evaluation seeds (default 0 1 2)")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="a seeded subset of this many held-out prompts"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="prompts per pipeline call in the evaluation"
-    )
+    parser.add_argument("--limit", type=int, default=None, help="a seeded subset of this many held-out prompts")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call in the evaluation")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     args = parser.parse_args(argv)
-    record = run_experiment(
-        args.out,
-        args.models,
-        args.quick,
-        args.refl_steps,
-        args.seeds,
-        args.limit,
-        args.batch_size,
-        args.progress,
-    )
+    record = run_experiment(args.out, args.models, args.quick, args.refl_steps, args.seeds, args.limit,
+                            args.batch_size, args.progress)
     print(record["evaluation"]["summary"])
     for name in record["tables"].values():
         print(Path(name).read_text(encoding="utf-8"))
