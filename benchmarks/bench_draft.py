@@ -44,17 +44,22 @@ from realign_pipeline.training.draft import draft_latents
 from realign_pipeline.training.refl import decode
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """What :func:`build` reads: the components, where they run, the image size and what is trained."""
     p.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20, help="T of the chain")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20], help="the K to measure")
     p.add_argument("--config", choices=["lora", "full"], default="lora")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--steps", type=int, default=20, help="T of the chain")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20], help="the K to measure")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG at every step (default off)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)

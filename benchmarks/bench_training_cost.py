@@ -60,7 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_draft import build, git_commit, peak_bytes, sync
+from bench_draft import add_model_arguments, build, git_commit, peak_bytes, sync
 
 from realign_pipeline.training.draft import draft_latents
 from realign_pipeline.training.refl import decode, refl_latents
@@ -89,11 +89,7 @@ class Mode:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--batch-size", type=int, default=1)
+    add_model_arguments(p)
     p.add_argument("--steps", type=int, default=20, help="T, --num_inference_steps")
     p.add_argument(
         "--ks", type=int, nargs="+", default=None,
@@ -103,8 +99,6 @@ def parse_args(argv=None):
         "--grad-step-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
         help="ReFL's range; its pass is timed at the mean step (default the last 2/5 of the steps: 30 50 at T=50)",
     )  # fmt: skip
-    p.add_argument("--config", choices=["lora", "full"], default="lora")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG in the chain (default off)")
     p.add_argument("--method", choices=["measure", "one-step"], default="measure")
     p.add_argument("--validate", action="store_true", help="run both methods and compare")
