@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -219,25 +220,33 @@ def test_missing_column_or_dataset_is_clear_error_before_model_load(assets, tmp_
         )
 
 
+class _Records(logging.Handler):
+    """Keeps every record it is handed (diffusers' loggers do not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def test_lora_run_writes_loadable_weights_that_change_output(assets, tmp_path):
     from realign_pipeline import RealignDiffPipeline
 
     out = tmp_path / "lora"
-    stats = train_refl.main(
-        _args(
-            assets,
-            out,
-            "--use_lora",
-            "--rank",
-            "4",
-            "--max_train_steps",
-            "3",
-            "--validation_prompts",
-            "a red cube",
+    records = _Records()
+    logging.getLogger("diffusers").addHandler(records)
+    try:
+        stats = train_refl.main(
+            _args(assets, out, "--use_lora", "--rank", "4", "--max_train_steps", "3", "--validation_prompts", "a red cube")
         )
-    )
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
     assert stats["global_step"] == 3 and stats["skipped_nonfinite"] == 0
+    # no diffusers warning about casting a model to the dtype it already has
+    assert not [r for r in records.records if "should be kept in float32" in r.getMessage()]
     assert all(np.isfinite(r["loss"]) and r["loss_pre"] > 0 for r in stats["losses"])
     curve = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [1, 2, 3]

@@ -678,7 +678,17 @@ def push_to_hub(args: argparse.Namespace) -> str:
     return repo_id
 
 
+def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype)``, the dtype left out when the model has it already: diffusers' ``to`` warns
+    about modules "that should be kept in float32: []" on every dtype argument, even a no-op one."""
+    if model.dtype == dtype:
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
+
+
 # ------------------------------------------------------------------------------------------------------ main
+
 def main(
     args: argparse.Namespace, reward: Any = None, step_callback: Callable[[int], None] | None = None
 ) -> dict:
@@ -769,7 +779,7 @@ def main(
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
+        to_device(unet, accelerator.device, weight_dtype)
         unet.add_adapter(
             LoraConfig(
                 r=args.rank,
@@ -790,7 +800,7 @@ def main(
         if args.use_ema
         else None
     )
-    vae.to(accelerator.device, dtype=vae_dtype)
+    to_device(vae, accelerator.device, vae_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     if text_encoder_2 is not None:
         text_encoder_2.to(accelerator.device, dtype=weight_dtype)
