@@ -2,8 +2,11 @@
 
 The adapter is built for the tiny UNet by the test (random ``image_proj`` and ``to_k_ip``/``to_v_ip`` weights of the
 right shapes), saved as a safetensors file and loaded with ``pipe.load_ip_adapter``, as a user loads a real one.
-The image prompt is given as ``ip_adapter_image_embeds``, so no image encoder is needed.
+The image prompt is given as ``ip_adapter_image_embeds``, so no image encoder is needed. The same with a LoRA
+loaded beside the adapter (``load_lora_weights``), and on RealignDiffXLPipeline.
 """
+
+import copy
 
 import numpy as np
 import pytest
@@ -206,3 +209,76 @@ def test_image_prompt_states_on_a_layer_without_adapter_weights_are_refused():
     attn.set_processor(RealignAttnProcessor(_state(modulating=True)))
     with pytest.raises(ValueError, match="IP-Adapter"):
         attn(hidden, encoder_hidden_states=(text, images[:1]))
+
+
+# ------------------------------------------------------ with a LoRA at the same time, and on SDXL (real setups)
+def lora_weights(pipeline, folder) -> str:
+    """A LoRA for `pipeline`'s UNet (non-zero ``lora_B``: peft starts it at zero), saved in the pipeline class's
+    own LoRA format and loaded back by the caller with ``load_lora_weights`` as a user does."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipeline.unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    type(pipeline).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return str(folder)
+
+
+def with_adapter(pipeline, folder):
+    save_file(ip_adapter_state_dict(pipeline.unet), str(folder / "ip_adapter.safetensors"))
+    pipeline.load_ip_adapter(str(folder), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_ip_adapter_and_lora_loaded_together(tmp_path):
+    adapter_only = with_adapter(tiny_pipeline(RealignDiffPipeline), tmp_path)
+    both = with_adapter(tiny_pipeline(RealignDiffPipeline), tmp_path)
+    both.load_lora_weights(lora_weights(both, tmp_path / "lora"))
+    original = both.unet.attn_processors
+    assert len(ip_processors(both.unet)) == 7
+    # the LoRA takes part, with and without a layout
+    assert not np.array_equal(run(both).images, run(adapter_only).images)
+    guided = run(both, layout=LAYOUT).images
+    assert np.isfinite(guided).all() and not np.array_equal(guided, run(adapter_only, layout=LAYOUT).images)
+    assert not np.array_equal(guided, run(both).images)
+    # no layout: diffusers' pipeline with the same adapter and LoRA; the processors are put back after a layout
+    assert np.array_equal(run(both).images, run(parent_of(both)).images)
+    assert all(both.unet.attn_processors[n] is p for n, p in original.items())
+
+
+def test_ip_adapter_on_sdxl_with_a_lora(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from realign_pipeline import RealignDiffXLPipeline
+    from realign_pipeline.testing import tiny_sdxl_pipeline
+
+    def xl_run(pipeline, ip_scale=0.8, **kwargs):
+        return run(pipeline, ip_scale=ip_scale, height=32, width=48, **kwargs)
+
+    plain = tiny_sdxl_pipeline(RealignDiffXLPipeline)
+    plain.set_progress_bar_config(disable=True)
+    pipe = with_adapter(tiny_sdxl_pipeline(RealignDiffXLPipeline), tmp_path)
+    assert len(ip_processors(pipe.unet)) == sum(n.endswith("attn2.processor") for n in pipe.unet.attn_processors) > 0
+    assert not np.array_equal(xl_run(pipe).images, xl_run(pipe, ip_scale=0.0).images)
+    parent = StableDiffusionXLPipeline(**pipe.components, add_watermarker=False)
+    parent.set_progress_bar_config(disable=True)
+    assert np.array_equal(xl_run(pipe).images, xl_run(parent).images)
+    # Eq. 8 on the text keys: an adapter at scale 0 gives the layout's image without an adapter
+    assert np.array_equal(xl_run(pipe, ip_scale=0.0, layout=LAYOUT).images,
+                          xl_run(plain, ip_scale=None, layout=LAYOUT).images)
+    assert not np.array_equal(xl_run(pipe, layout=LAYOUT).images, xl_run(pipe, ip_scale=0.0, layout=LAYOUT).images)
+
+    before = xl_run(pipe).images
+    pipe.load_lora_weights(lora_weights(pipe, tmp_path / "lora"))
+    original = pipe.unet.attn_processors
+    assert not np.array_equal(xl_run(pipe).images, before)
+    guided = xl_run(pipe, layout=LAYOUT).images
+    assert np.isfinite(guided).all() and not np.array_equal(guided, xl_run(pipe).images)
+    assert np.array_equal(xl_run(pipe).images, xl_run(parent).images)  # the parent shares the LoRA'd UNet
+    assert all(pipe.unet.attn_processors[n] is p for n, p in original.items())
