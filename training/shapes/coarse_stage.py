@@ -72,7 +72,7 @@ if str(_HERE) not in sys.path:
 import numpy as np
 import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key
-from experiment import MAX_CAPTION_TOKENS, shapes_models, train_in_process
+from experiment import shapes_models, train_in_process, train_refl_arguments
 from make_refl_data import check_prompts_file, half_a_split, make_refl_data
 from refl_sweep import reward_curve
 
@@ -143,26 +143,9 @@ def run_command(name: str, models: dict[str, Path], data: dict[str, Any], output
     """The ``train_refl.py`` arguments of run `name` (``<reward>-<mode>``)."""
     reward, mode = split_name(name)
     spec = {**TRAIN_COMMON, **REWARDS[reward], "num_inference_steps": num_inference_steps}
-    cmd = ["--pretrained_model_name_or_path", str(models["pipeline"]), "--reward", spec["reward"],
-           "--reward_weight", str(spec["reward_weight"]), "--reward_margin", str(spec["reward_margin"]),
-           "--prompts_file", data["prompts_file"], "--train_data_dir", data["pairs"],
-           "--pretrain_loss_weight", str(spec["pretrain_loss_weight"]),
-           "--resolution", str(spec["resolution"]), "--num_inference_steps", str(num_inference_steps),
-           *mode_flags(mode, num_inference_steps),
-           "--rollout_guidance_scale", str(spec["rollout_guidance_scale"]),
-           "--use_lora", "--rank", str(spec["rank"]), "--learning_rate", str(spec["learning_rate"]),
-           "--train_batch_size", str(spec["train_batch_size"]), "--max_train_steps", str(steps),
-           "--seed", str(spec["seed"]), "--checkpointing_steps", str(max(25, steps // 4)),
-           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-           "--report_to", "none", "--output_dir", str(output_dir)]
-    if spec["reward"] == "caption":
-        cmd += ["--reward_model_path", str(models["blip2-captioner"]),
-                "--reward_text_model_path", str(models["blip2-itm"]),
-                "--reward_objective", spec["reward_objective"],
-                "--reward_kwargs", json.dumps({"max_new_tokens": MAX_CAPTION_TOKENS})]
-    else:
-        cmd += ["--reward_model_path", str(models["clip" if spec["reward"] == "clip" else "blip2-itm"])]
-    return cmd
+    gradient_flags = [*mode_flags(mode, num_inference_steps),
+                      "--rollout_guidance_scale", str(spec["rollout_guidance_scale"])]
+    return train_refl_arguments(spec, models, data, output_dir, steps, gradient_flags)
 
 
 def _sha256(path: str | Path) -> str:

@@ -41,6 +41,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +125,17 @@ def shapes_models(models: str | os.PathLike | None) -> dict[str, Path]:
 
 
 # --- ReFL ----------------------------------------------------------------------------------------------------
-def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int,
-                 overrides: dict[str, Any] | None = None) -> list[str]:
-    """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`), with `overrides` of its settings."""
-    spec = {**REFL_COMMON, **REFL_RUNS[name], **(overrides or {})}
-    cmd = [sys.executable, str(TRAIN_REFL),
-           "--pretrained_model_name_or_path", str(models["pipeline"]),
+def train_refl_arguments(spec: dict[str, Any], models: dict[str, Path], data: dict[str, Any], output_dir: Path,
+                         steps: int, gradient_flags: Sequence[str]) -> list[str]:
+    """``train_refl.py``'s arguments for a LoRA run on a shapes world: the settings in `spec` (those of
+    :data:`REFL_COMMON` and the reward's), the gradient mode's flags (`gradient_flags`) after the step count."""
+    cmd = ["--pretrained_model_name_or_path", str(models["pipeline"]),
            "--reward", spec["reward"],
            "--reward_weight", str(spec["reward_weight"]), "--reward_margin", str(spec["reward_margin"]),
            "--prompts_file", data["prompts_file"], "--train_data_dir", data["pairs"],
            "--pretrain_loss_weight", str(spec["pretrain_loss_weight"]),
            "--resolution", str(spec["resolution"]), "--num_inference_steps", str(spec["num_inference_steps"]),
-           "--grad_step_range", *map(str, spec["grad_step_range"]),
+           *gradient_flags,
            "--use_lora", "--rank", str(spec["rank"]), "--learning_rate", str(spec["learning_rate"]),
            "--train_batch_size", str(spec["train_batch_size"]), "--max_train_steps", str(steps),
            "--seed", str(spec["seed"]), "--checkpointing_steps", str(max(25, steps // 4)),
@@ -149,6 +149,15 @@ def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], outpu
     else:
         cmd += ["--reward_model_path", str(models["clip" if spec["reward"] == "clip" else "blip2-itm"])]
     return cmd
+
+
+def refl_command(name: str, models: dict[str, Path], data: dict[str, Any], output_dir: Path, steps: int,
+                 overrides: dict[str, Any] | None = None) -> list[str]:
+    """The ``train_refl.py`` command line of run `name` (:data:`REFL_RUNS`), with `overrides` of its settings."""
+    spec = {**REFL_COMMON, **REFL_RUNS[name], **(overrides or {})}
+    gradient_flags = ["--grad_step_range", *map(str, spec["grad_step_range"])]
+    return [sys.executable, str(TRAIN_REFL),
+            *train_refl_arguments(spec, models, data, output_dir, steps, gradient_flags)]
 
 
 def train_in_process(argv: list[str], log_path: Path) -> None:
