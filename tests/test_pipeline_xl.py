@@ -356,3 +356,15 @@ def test_base_with_a_layout_then_the_refiner(pipe):
     refined, refined_plain = refine(guided), refine(plain)
     assert refined.shape == (1, 32, 32, 3) and np.isfinite(refined).all()
     assert np.abs(refined - refined_plain).max() > 1e-5
+
+
+def test_each_pass_gets_every_argument_of_call_but_realign(realign_pipe, monkeypatch):
+    import inspect
+
+    seen = {}
+    monkeypatch.setattr(realign_pipe, "_realign_call", lambda pass_args: seen.update(pass_args) or "passes")
+    assert run(realign_pipe, realign=True, height=32, width=48, denoising_end=0.9) == "passes"
+    expected = set(inspect.signature(RealignDiffXLPipeline.__call__).parameters) - {"self", "kwargs", "realign"}
+    assert set(seen) == expected | {"callback", "callback_steps"}  # the legacy callbacks come in **kwargs
+    assert (seen["height"], seen["width"], seen["denoising_end"]) == (32, 48, 0.9)
+    assert seen["callback_on_step_end_tensor_inputs"] == ["latents"]

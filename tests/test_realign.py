@@ -418,3 +418,16 @@ def test_the_stage_is_reset_when_a_pass_raises(pipe):
     with pytest.raises(RuntimeError, match="stop here"):
         run(pipe, realign=True, callback_on_step_end=fail)
     assert pipe.realign_stage is None
+
+
+def test_each_pass_gets_every_argument_of_call_but_realign(pipe, monkeypatch):
+    import inspect
+
+    seen = {}
+    monkeypatch.setattr(pipe, "_realign_call", lambda pass_args: seen.update(pass_args) or "passes")
+    assert run(pipe, realign=True, guidance_scale=3.0) == "passes"
+    expected = set(inspect.signature(RealignDiffPipeline.__call__).parameters) - {"self", "kwargs", "realign"}
+    assert set(seen) == expected | {"callback", "callback_steps"}  # the legacy callbacks come in **kwargs
+    # checked and filled in: the size from the UNet, the default tensor inputs
+    assert (seen["height"], seen["width"]) == (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    assert seen["callback_on_step_end_tensor_inputs"] == ["latents"] and seen["guidance_scale"] == 3.0

@@ -383,55 +383,10 @@ class RealignDiffXLPipeline(RealignMixin, StableDiffusionXLPipeline):
             modulated_downsampling=modulated_downsampling,
         )
         if realign:
-            # every argument of one generation pass; the passes call __call__ again with realign=False
+            # every argument of one generation pass, checked and with the size filled in (the caller's names
+            # are the pass's keywords); the passes call __call__ again with realign=False
             pass_args = {
-                "prompt": prompt,
-                "prompt_2": prompt_2,
-                "height": height,
-                "width": width,
-                "num_inference_steps": num_inference_steps,
-                "timesteps": timesteps,
-                "sigmas": sigmas,
-                "denoising_end": denoising_end,
-                "guidance_scale": guidance_scale,
-                "negative_prompt": negative_prompt,
-                "negative_prompt_2": negative_prompt_2,
-                "num_images_per_prompt": num_images_per_prompt,
-                "eta": eta,
-                "generator": generator,
-                "latents": latents,
-                "prompt_embeds": prompt_embeds,
-                "negative_prompt_embeds": negative_prompt_embeds,
-                "pooled_prompt_embeds": pooled_prompt_embeds,
-                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
-                "ip_adapter_image": ip_adapter_image,
-                "ip_adapter_image_embeds": ip_adapter_image_embeds,
-                "output_type": output_type,
-                "return_dict": return_dict,
-                "cross_attention_kwargs": cross_attention_kwargs,
-                "guidance_rescale": guidance_rescale,
-                "original_size": original_size,
-                "crops_coords_top_left": crops_coords_top_left,
-                "target_size": target_size,
-                "negative_original_size": negative_original_size,
-                "negative_crops_coords_top_left": negative_crops_coords_top_left,
-                "negative_target_size": negative_target_size,
-                "clip_skip": clip_skip,
-                "callback_on_step_end": callback_on_step_end,
-                "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
-                "layout": layout,
-                "cross_attention_strength": cross_attention_strength,
-                "self_attention_strength": self_attention_strength,
-                "modulation_fraction": modulation_fraction,
-                "timestep_power": timestep_power,
-                "size_weight": size_weight,
-                "suppress_unclaimed_tokens": suppress_unclaimed_tokens,
-                "modulated_downsampling": modulated_downsampling,
-                "replace_phrase_embeddings": replace_phrase_embeddings,
-                "strict_layout": strict_layout,
-                "return_attention_maps": return_attention_maps,
-                "callback": callback,
-                "callback_steps": callback_steps,
+                name: value for name, value in locals().items() if name not in ("self", "kwargs", "realign")
             }
             return self._realign_call(pass_args)
 
