@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key, write_json
-from fine_stage_rates import placebo_layout, read
+from fine_stage_rates import generators, placebo_layout, read
 from layout_diagnosis import modulated_levels
 
 from realign_pipeline import Region
@@ -129,15 +129,11 @@ def shared_cells(num_scenes: int = 200, seed: int = 0, size: int = triples.RESOL
     return {name: round(float(np.mean(v)), 4) for name, v in shares.items()}
 
 
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
 def coarse_and_captions(pipe, jobs, batch_size: int, generation: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        out = pipe([r["prompt"] for r, _ in chunk], realign=True, generator=_generators([s for _, s in chunk]),
+        out = pipe([r["prompt"] for r, _ in chunk], realign=True, generator=generators([s for _, s in chunk]),
                    **generation)
         for i, (record, seed) in enumerate(chunk):
             coarse = out.coarse_images[i]
@@ -164,7 +160,7 @@ def second_pass(pipe, rows, variant: tuple[dict[str, float], tuple[int, ...] | N
             side = generation["height"]
             kwargs["layout"] = [placebo_layout(r["layout"], side) if kind == "placebo" else r["layout"] for r in chunk]
         with modulated_levels(sides) if sides is not None else contextlib.nullcontext():
-            images = pipe([r["prompt"] for r in chunk], generator=_generators([r["seed"] for r in chunk]),
+            images = pipe([r["prompt"] for r in chunk], generator=generators([r["seed"] for r in chunk]),
                           **kwargs).images
         for row, image in zip(chunk, images):
             reads.append(read(image, row["objects"]))

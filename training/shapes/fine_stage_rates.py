@@ -99,7 +99,8 @@ def read(image, objects: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     return {"binding": checked["binding"], "presence": checked["presence"], "position": checked["position"]}
 
 
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed (the images of a batch as they would be alone)."""
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
@@ -111,12 +112,12 @@ def run_jobs(pipe, jobs: Sequence[tuple[dict[str, Any], int]], batch_size: int,
         chunk = jobs[start : start + batch_size]
         prompts = [r["prompt"] for r, _ in chunk]
         seeds = [s for _, s in chunk]
-        out = pipe(prompts, realign=True, generator=_generators(seeds), **generation)
+        out = pipe(prompts, realign=True, generator=generators(seeds), **generation)
         placebo_images = list(out.coarse_images)
         side = generation.get("height", 32)
         layouts = [placebo_layout(out.layouts[i], side) if out.realigned[i] else None for i in range(len(chunk))]
         if any(layout is not None for layout in layouts):
-            placebo = pipe(prompts, layout=layouts, generator=_generators(seeds), **generation)
+            placebo = pipe(prompts, layout=layouts, generator=generators(seeds), **generation)
             placebo_images = [placebo.images[i] if layouts[i] is not None else out.coarse_images[i]
                               for i in range(len(chunk))]
         for i, (record, seed) in enumerate(chunk):
