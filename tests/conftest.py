@@ -223,3 +223,14 @@ def _chat_server_session():
 def chat_server(_chat_server_session):
     yield _chat_server_session.reset()
     _chat_server_session.reset()  # ends the replies a test left stalled
+
+
+@pytest.fixture()
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state; a test that runs ``train_refl.main`` in this process with other
+    settings needs it reset before and after (``pytestmark = pytest.mark.usefixtures(...)`` in those modules)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from realign_pipeline.training.draft import draft_latents
 from realign_pipeline.training.refl import refl_latents
@@ -31,6 +29,7 @@ def _load_script(path: Path):
 
 
 train_refl = _load_script(ROOT / "training" / "train_refl.py")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -200,49 +199,14 @@ def test_draft_lv_renoises_the_final_sample(tiny):
 
 
 # ----------------------------------------------------------------------------------------------- script
-REWARD_MODULE = '''
-class BrightnessReward:
-    """Differentiable test reward: mean pixel value in [-1, 1] (higher is better)."""
-    name = "brightness"
-
-    def objective(self, pixels, prompts):
-        assert len(prompts) == pixels.shape[0]
-        return pixels.float().mean(dim=(1, 2, 3))
-
-    def to(self, device=None, dtype=None):
-        return self
-'''
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    from realign_pipeline.testing import tiny_pipeline
+def assets(tmp_path_factory, tiny_sd_dir):
+    from realign_pipeline.testing import image_text_pairs
 
     root = tmp_path_factory.mktemp("draft")
-    tiny_pipeline(StableDiffusionPipeline, save_dir=root / "tiny-sd")
-    data = root / "pairs"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{k}.png")
-        rows.append({"file_name": f"{k}.png", "text": f"a photo number {k}"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "tiny-sd").symlink_to(tiny_sd_dir, target_is_directory=True)  # the session's folder, only read
+    image_text_pairs(root / "pairs", 3, size=(32, 32))
     (root / "prompts.txt").write_text("a red cube\na blue ball on a table\ntwo cats\n")
-    (root / "rewardmod").mkdir()
-    (root / "rewardmod" / "draft_test_reward.py").write_text(REWARD_MODULE)
-    sys.path.insert(0, str(root / "rewardmod"))
     return root
 
 
@@ -253,7 +217,7 @@ def _args(assets, out, *extra):
             "--output_dir", str(out),
             "--train_data_dir", str(assets / "pairs"),
             "--prompts_file", str(assets / "prompts.txt"),
-            "--reward_class", "draft_test_reward:BrightnessReward",
+            "--reward_class", "realign_pipeline.testing.training:BrightnessReward",
             "--resolution", "16", "--center_crop", "--train_batch_size", "1",
             "--num_inference_steps", "4",
             "--learning_rate", "1e-3", "--seed", "0", "--report_to", "none", "--checkpointing_steps", "1000",

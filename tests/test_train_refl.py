@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from realign_pipeline.testing import BrightnessReward, image_text_pairs
 from realign_pipeline.training.data import DataError, load_pairs, load_prompts
 from realign_pipeline.training.refl import (
     draw_grad_step,
@@ -39,65 +40,21 @@ def _load_script(path: Path) -> ModuleType:
 
 
 train_refl = _load_script(ROOT / "training" / "train_refl.py")
-
-REWARD_MODULE = '''
-import torch
-
-class BrightnessReward:
-    """Differentiable test reward: mean pixel value in [-1, 1] (higher is better)."""
-    name = "brightness"
-
-    def __init__(self, nan_on_call=None):
-        self.calls, self.nan_on_call = 0, nan_on_call
-
-    def objective(self, pixels, prompts):
-        self.calls += 1
-        out = pixels.float().mean(dim=(1, 2, 3))
-        if self.nan_on_call is not None and self.calls == self.nan_on_call:
-            out = out * float("nan")
-        return out
-
-    @torch.no_grad()
-    def score(self, images, prompts):
-        return self.objective(torch.as_tensor(images), prompts)
-
-    def to(self, device=None, dtype=None):
-        return self
-'''
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; in-process runs with other settings need it reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_sd_dir):
     root = tmp_path_factory.mktemp("refl")
     (root / "tiny-sd").symlink_to(tiny_sd_dir, target_is_directory=True)  # the session's folder, only read
-    data = root / "pairs"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / f"{k}.png")
-        rows.append({"file_name": f"{k}.png", "text": f"a photo number {k}"})
-    (data / "broken.png").write_bytes(b"not a png")
-    rows += [
+    (root / "pairs").mkdir()
+    (root / "pairs" / "broken.png").write_bytes(b"not a png")
+    bad_rows = [
         {"file_name": "missing.png", "text": "gone"},
         {"file_name": "broken.png", "text": "unreadable"},
         {"file_name": "0.png", "text": "  "},
     ]
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    image_text_pairs(root / "pairs", 4, extra_rows=bad_rows)
     (root / "prompts.txt").write_text("a red cube\na blue ball on a table\n\ntwo cats\n")
-    (root / "rewardmod").mkdir()
-    (root / "rewardmod" / "refl_test_reward.py").write_text(REWARD_MODULE)
-    sys.path.insert(0, str(root / "rewardmod"))
     return root
 
 
@@ -108,7 +65,7 @@ def _tiny_run_argv(assets, out, batch_size: int) -> list[str]:
         "--output_dir", str(out),
         "--train_data_dir", str(assets / "pairs"),
         "--prompts_file", str(assets / "prompts.txt"),
-        "--reward_class", "refl_test_reward:BrightnessReward",
+        "--reward_class", "realign_pipeline.testing.training:BrightnessReward",
         "--resolution", "32",
         "--center_crop",
         "--train_batch_size", str(batch_size),
@@ -351,11 +308,8 @@ def test_resume_after_kill_matches_uninterrupted_run(assets, tmp_path):
 
 
 def test_nonfinite_loss_skips_step_and_is_counted(assets, tmp_path, monkeypatch, caplog):
-    sys.modules.pop("refl_test_reward", None)
-    import refl_test_reward
-
     out = tmp_path / "nan"
-    reward = refl_test_reward.BrightnessReward(nan_on_call=2)
+    reward = BrightnessReward(nan_on_call=2)
     stats = train_refl.main(
         _args(assets, out, "--use_lora", "--max_train_steps", "3", "--pretrain_loss_weight", "0"),
         reward=reward,
@@ -410,7 +364,6 @@ def test_two_process_accelerate_launch(assets, tmp_path):
         os.environ,
         HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(assets / "rewardmod"), os.environ.get("PYTHONPATH", "")]),
     )
     cmd = [
         sys.executable,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -29,54 +28,17 @@ def _load_script(path: Path) -> ModuleType:
 
 
 train_refl = _load_script(ROOT / "training" / "train_refl.py")
-
-REWARD_MODULE = '''
-import torch
-
-class BrightnessReward:
-    """Differentiable test reward: mean pixel value in [-1, 1] (higher is better)."""
-    name = "brightness"
-
-    def objective(self, pixels, prompts):
-        return pixels.float().mean(dim=(1, 2, 3))
-
-    @torch.no_grad()
-    def score(self, images, prompts):
-        return self.objective(torch.as_tensor(images), prompts)
-
-    def to(self, device=None, dtype=None):
-        return self
-'''
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory, tiny_sdxl_dir):
-    from realign_pipeline.testing import tiny_sdxl_components
+    from realign_pipeline.testing import image_text_pairs, tiny_sdxl_components
 
     root = tmp_path_factory.mktemp("refl-xl")
     (root / "tiny-sdxl").symlink_to(tiny_sdxl_dir, target_is_directory=True)  # the session's folder, only read
     tiny_sdxl_components(seed=1)["vae"].save_pretrained(root / "other-vae")
-    data = root / "pairs"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(data / f"{k}.png")
-        rows.append({"file_name": f"{k}.png", "text": f"a photo number {k}"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    image_text_pairs(root / "pairs", 3)
     (root / "prompts.txt").write_text("a red cube\na blue ball on a table\ntwo cats\n")
-    (root / "rewardmod").mkdir()
-    (root / "rewardmod" / "refl_xl_test_reward.py").write_text(REWARD_MODULE)
-    sys.path.insert(0, str(root / "rewardmod"))
     return root
 
 
@@ -84,7 +46,7 @@ def _args(xl, out, *extra):
     return train_refl.parse_args([
         "--pretrained_model_name_or_path", str(xl / "tiny-sdxl"), "--output_dir", str(out),
         "--train_data_dir", str(xl / "pairs"), "--prompts_file", str(xl / "prompts.txt"),
-        "--reward_class", "refl_xl_test_reward:BrightnessReward", "--resolution", "32", "--center_crop",
+        "--reward_class", "realign_pipeline.testing.training:BrightnessReward", "--resolution", "32", "--center_crop",
         "--random_flip", "--train_batch_size", "2", "--num_inference_steps", "4", "--learning_rate", "1e-3",
         "--seed", "0", "--report_to", "none", "--checkpointing_steps", "1000", "--reward_weight", "1.0", *extra,
     ])  # fmt: skip

@@ -12,7 +12,9 @@ Nothing here downloads anything. One module per family:
   (BLIP-2 image-text matching), saved to folders;
 - :mod:`.grounding`: :func:`tiny_grounding_dino` and :func:`tiny_sam` saved to folders, :func:`bert_tokenizer`;
 - :mod:`.chat`: :class:`ChatServer`, an OpenAI-compatible chat completions server on 127.0.0.1 that answers
-  from a script.
+  from a script;
+- :mod:`.training`: :class:`BrightnessReward` (a reward without a model, for ``train_refl.py --reward_class``)
+  and :func:`image_text_pairs` (a ``--train_data_dir`` folder of random images).
 
 The folder builders write with ``save_pretrained``, so a test loads them back with the same
 ``from_pretrained`` call a user makes with a hub id. The weights are random: outputs are noise, shapes and
@@ -45,6 +47,7 @@ from .stable_diffusion_xl import (
     tiny_sdxl_components,
     tiny_sdxl_pipeline,
 )
+from .training import BrightnessReward, image_text_pairs
 
 __all__ = [
     "CLIP_BPE_FILENAME",
@@ -53,12 +56,14 @@ __all__ = [
     "TINY_BLIP2_IMAGE_SIZE",
     "TINY_BLIP2_NUM_QUERY_TOKENS",
     "TINY_CLIP_IMAGE_SIZE",
+    "BrightnessReward",
     "ChatServer",
     "bert_tokenizer",
     "blip2_itm_tokenizer",
     "blip_image_processor",
     "bytes_to_unicode",
     "clip_tokenizer",
+    "image_text_pairs",
     "openclip_tokenizer",
     "tiny_blip2_captioner",
     "tiny_blip2_itm",
