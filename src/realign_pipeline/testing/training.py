@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+__all__ = ["BrightnessReward", "image_text_pairs"]
+
 
 class BrightnessReward:
     """A differentiable reward with no model: each image's mean pixel in [-1, 1] (higher is better).
