@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from realign_pipeline.training.draft import draft_latents
+from realign_pipeline.training.lora import unet_lora_config
 from realign_pipeline.training.refl import decode
 
 
@@ -84,17 +85,9 @@ def build(args, dtype):
     vae.requires_grad_(False).to(args.device, dtype)
     if args.config == "lora":
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         unet.requires_grad_(False).to(args.device, dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+        unet.add_adapter(unet_lora_config(args.rank))
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(args.device, torch.float32).requires_grad_(True)

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from realign_pipeline.training.lora import unet_lora_config
 from realign_pipeline.training.refl import (
     decode,
     draw_grad_step,
@@ -112,17 +113,8 @@ def make_config(name: str, base_unet_state, comps, args, dtype):
     unet = copy.deepcopy(comps["unet"])
     unet.load_state_dict(base_unet_state)
     if name == "lora":
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+        unet.add_adapter(unet_lora_config(args.rank))
         cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(dtype=torch.float32)  # full fine-tuning keeps fp32 master weights; autocast does the rest

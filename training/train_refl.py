@@ -50,6 +50,7 @@ from accelerate.logging import get_logger
 
 from realign_pipeline.training.data import DataError, RowStream, load_pairs, load_prompts, open_image
 from realign_pipeline.training.draft import draft_latents
+from realign_pipeline.training.lora import unet_lora_config
 from realign_pipeline.training.refl import (
     decode,
     draw_grad_step,
@@ -776,18 +777,9 @@ def main(
     # SDXL's VAE overflows in float16: float32 unless --pretrained_vae_model_name_or_path gives a safe one
     vae_dtype = torch.float32 if sdxl and not custom_vae else weight_dtype
     if args.use_lora:
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
         to_device(unet, accelerator.device, weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+        unet.add_adapter(unet_lora_config(args.rank))
         if args.mixed_precision == "fp16":
             cast_training_params(unet, dtype=torch.float32)
     else:
