@@ -234,3 +234,29 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def save_random_lora() -> Callable[..., str]:
+    """``save(pipeline, folder) -> folder``: the training LoRA (``realign_pipeline.training.lora``, rank 4) on a
+    copy of `pipeline`'s UNet, its ``lora_B`` drawn from N(0, 0.5^2) (peft starts it at zero, which would make
+    the adapter a no-op), saved with the pipeline class's ``save_lora_weights`` for ``load_lora_weights``."""
+
+    def save(pipeline, folder) -> str:
+        import copy
+
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        from realign_pipeline.training.lora import unet_lora_config
+
+        unet = copy.deepcopy(pipeline.unet)
+        unet.add_adapter(unet_lora_config(4))
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+        type(pipeline).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+        return str(folder)
+
+    return save

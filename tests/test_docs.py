@@ -60,12 +60,12 @@ def python_files():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_sdxl_dir, tiny_clip_dir,
-                tiny_grounding_dino_dir, tiny_sam_dir, tiny_blip2_itm_dir):
+                tiny_grounding_dino_dir, tiny_sam_dir, tiny_blip2_itm_dir, save_random_lora):
     from realign_pipeline import RealignDiffPipeline
     from realign_pipeline.testing import tiny_pipeline
 
     sd, lora = str(tiny_realign_sd_dir), str(tmp_path_factory.mktemp("tiny-hub") / "lora")
-    _save_random_lora(tiny_pipeline(RealignDiffPipeline), lora)  # the weights of `sd`, built in memory
+    save_random_lora(tiny_pipeline(RealignDiffPipeline), lora)  # the weights of `sd`, built in memory
     words = ["a", "red", "yellow", "book", "vase", "and", "the", "on"]
     models = {
         "stable-diffusion-v1-5/stable-diffusion-v1-5": sd,
@@ -79,15 +79,6 @@ def tiny_models(tmp_path_factory, tiny_folders, tiny_realign_sd_dir, tiny_sdxl_d
         "Salesforce/blip2-itm-vit-g": str(tiny_blip2_itm_dir),
     }
     return {"models": models, "loras": {"realigndiff-refl": lora}}
-
-
-def _save_random_lora(pipe, folder: str) -> None:
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
 
 
 def _mapping(table: dict[str, str], func):

@@ -216,14 +216,8 @@ def test_presets_and_config_errors(tmp_path, sd_folder):
     assert mine.pipeline_kwargs == {"cross_attention_strength": 1.0, "self_attention_strength": 0.5}
 
 
-def test_refl_checkpoints_and_auto_pipeline(config, pipe, tiny_sd_dir, tmp_path):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    lora_pipe = tiny_pipeline(RealignDiffPipeline)
-    lora_pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    RealignDiffPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(lora_pipe.unet))
+def test_refl_checkpoints_and_auto_pipeline(config, pipe, tiny_sd_dir, tmp_path, save_random_lora):
+    save_random_lora(tiny_pipeline(RealignDiffPipeline), tmp_path / "lora")
     refl = load_config("refl").replace(model=config.model, lora=str(tmp_path / "lora"), steps=STEPS)
     with_lora = build_pipeline(refl, device="cpu")
     assert with_lora.get_active_adapters()

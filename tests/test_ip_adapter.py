@@ -6,8 +6,6 @@ The image prompt is given as ``ip_adapter_image_embeds``, so no image encoder is
 loaded beside the adapter (``load_lora_weights``), and on RealignDiffXLPipeline.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -212,23 +210,6 @@ def test_image_prompt_states_on_a_layer_without_adapter_weights_are_refused():
 
 
 # ------------------------------------------------------ with a LoRA at the same time, and on SDXL (real setups)
-def lora_weights(pipeline, folder) -> str:
-    """A LoRA for `pipeline`'s UNet (non-zero ``lora_B``: peft starts it at zero), saved in the pipeline class's
-    own LoRA format and loaded back by the caller with ``load_lora_weights`` as a user does."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = copy.deepcopy(pipeline.unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
-    type(pipeline).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
-    return str(folder)
-
-
 def with_adapter(pipeline, folder):
     save_file(ip_adapter_state_dict(pipeline.unet), str(folder / "ip_adapter.safetensors"))
     pipeline.load_ip_adapter(str(folder), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
@@ -236,10 +217,10 @@ def with_adapter(pipeline, folder):
     return pipeline
 
 
-def test_ip_adapter_and_lora_loaded_together(tmp_path):
+def test_ip_adapter_and_lora_loaded_together(tmp_path, save_random_lora):
     adapter_only = with_adapter(tiny_pipeline(RealignDiffPipeline), tmp_path)
     both = with_adapter(tiny_pipeline(RealignDiffPipeline), tmp_path)
-    both.load_lora_weights(lora_weights(both, tmp_path / "lora"))
+    both.load_lora_weights(save_random_lora(both, tmp_path / "lora"))
     original = both.unet.attn_processors
     assert len(ip_processors(both.unet)) == 7
     # the LoRA takes part, with and without a layout
@@ -252,7 +233,7 @@ def test_ip_adapter_and_lora_loaded_together(tmp_path):
     assert all(both.unet.attn_processors[n] is p for n, p in original.items())
 
 
-def test_ip_adapter_on_sdxl_with_a_lora(tmp_path):
+def test_ip_adapter_on_sdxl_with_a_lora(tmp_path, save_random_lora):
     from diffusers import StableDiffusionXLPipeline
 
     from realign_pipeline import RealignDiffXLPipeline
@@ -275,7 +256,7 @@ def test_ip_adapter_on_sdxl_with_a_lora(tmp_path):
     assert not np.array_equal(xl_run(pipe, layout=LAYOUT).images, xl_run(pipe, ip_scale=0.0, layout=LAYOUT).images)
 
     before = xl_run(pipe).images
-    pipe.load_lora_weights(lora_weights(pipe, tmp_path / "lora"))
+    pipe.load_lora_weights(save_random_lora(pipe, tmp_path / "lora"))
     original = pipe.unet.attn_processors
     assert not np.array_equal(xl_run(pipe).images, before)
     guided = xl_run(pipe, layout=LAYOUT).images

@@ -282,20 +282,9 @@ def test_sd2_style_half_precision_where_the_cpu_allows(saved_dirs):
     assert all(torch.isfinite(m).all() for m in out.attention_maps[0].values())
 
 
-def test_lora_weights_load_into_the_pipeline(saved_dirs, tmp_path):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = load(saved_dirs)
-    trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():  # peft starts lora_B at zero, which would make the adapter a no-op
-        for name, parameter in trained.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(trained.unet))
-
+def test_lora_weights_load_into_the_pipeline(saved_dirs, tmp_path, save_random_lora):
     pipe = load(saved_dirs)
+    save_random_lora(pipe, tmp_path)
     before = run(pipe, layout=LAYOUT).images
     pipe.load_lora_weights(tmp_path)
     after = run(pipe, layout=LAYOUT).images
