@@ -128,7 +128,7 @@ def test_no_half_b_prompt_reaches_a_run(quick, coarse_stage, tmp_path, monkeypat
     doctored = data / "prompts.txt"
     doctored.write_text(doctored.read_text(encoding="utf-8") + min(_half(1)) + "\n", encoding="utf-8")
     launched = []
-    monkeypatch.setattr(coarse_stage, "train_in_process", lambda *args: launched.append(args))
+    monkeypatch.setattr(_module("experiment"), "train_in_process", lambda *args: launched.append(args))
     models = coarse_stage.shapes_models(None)
     with pytest.raises(AssertionError, match="half-B"):
         coarse_stage.train_run("likelihood-refl", models, {"prompts_file": str(doctored), "pairs": str(data / "pairs")},

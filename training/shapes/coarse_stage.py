@@ -56,7 +56,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -72,7 +71,7 @@ if str(_HERE) not in sys.path:
 import numpy as np
 import torch
 from ablation import GENERATION, load_pipeline, paired_rates, pairing_key
-from experiment import shapes_models, train_in_process, train_refl_arguments
+from experiment import cached_train_run, shapes_models, train_refl_arguments
 from make_refl_data import check_prompts_file, half_a_split, make_refl_data
 from refl_sweep import reward_curve
 
@@ -161,38 +160,17 @@ def train_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Pat
     folder = out / name
     cmd = run_command(name, models, data, folder, steps, num_inference_steps)
     settings = {"command": cmd, "steps": steps, "prompts_sha256": _sha256(data["prompts_file"])}
-    lora, stats_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json"
-    settings_file, timing_file = folder / "coarse_stage_settings.json", folder / "coarse_stage_timing.json"
     reward, mode = split_name(name)
     record: dict[str, Any] = {"name": name, "reward": reward, "mode": mode, "folder": str(folder),
                               "flags": mode_flags(mode, num_inference_steps), "steps": steps}
-    saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
-    if lora.is_file() and stats_file.is_file() and saved == settings and timing_file.is_file():
-        return {**record, "skipped": True, **json.loads(timing_file.read_text(encoding="utf-8"))}
-    if saved is not None and saved != settings:  # other settings: start over
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-    lora.unlink(missing_ok=True)
-    stats_file.unlink(missing_ok=True)
-    checked = check_prompts_file(data["prompts_file"])  # half B reaches no run: asserted right before the launch
-    events.add("train", run=name, prompts_checked=checked)
-    start = time.perf_counter()
-    error: BaseException | None = None
-    try:
-        train_in_process(cmd, folder / "train.log")
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported below with the log's tail
-        error = exc
-    seconds = time.perf_counter() - start
-    if error is not None or not lora.is_file():
-        tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(f"run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
-    stats = json.loads(stats_file.read_text(encoding="utf-8"))
-    timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3),
-              "mode_in_words": stats.get("mode")}
-    timing_file.write_text(json.dumps(timing) + "\n", encoding="utf-8")
-    return {**record, "skipped": False, **timing}
 
+    def check_and_log() -> None:
+        checked = check_prompts_file(data["prompts_file"])  # half B reaches no run: asserted right before launch
+        events.add("train", run=name, prompts_checked=checked)
+
+    return {**record, **cached_train_run(folder, cmd, settings, steps, "coarse_stage", before_launch=check_and_log,
+                                         extra_timing=lambda stats: {"mode_in_words": stats.get("mode")},
+                                         label=f"run {name}")}
 
 def curve(log_file: Path, points: int = 10) -> dict[str, Any]:
     """The reward curve of a run: ``refl_sweep.reward_curve`` (objective and ``L_pre``, first and last fifth)

@@ -41,7 +41,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,39 +185,56 @@ def train_in_process(argv: list[str], log_path: Path) -> None:
                 root.addHandler(handler)
 
 
-def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int,
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or skip / resume) one ReFL LoRA into ``out/<name>``; returns its record for experiment.json."""
-    folder = out / name
-    cmd = refl_command(name, models, data, folder, steps, overrides)
-    settings = {"command": [str(c) for c in cmd[1:]], "steps": steps}
-    lora, stats_file, settings_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json", \
-        folder / "experiment_settings.json"
-    record: dict[str, Any] = {"folder": str(folder), "lora": str(lora), "steps": steps, **REFL_RUNS[name],
-                              **(overrides or {})}
+def cached_train_run(folder: Path, argv: list[str], settings: dict[str, Any], steps: int, files: str,
+                     before_launch: Callable[[], None] | None = None,
+                     extra_timing: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                     label: str = "run") -> dict[str, Any]:
+    """``train_refl.py`` on `argv` into `folder`, in this process, unless done already.
+
+    Skipped when the LoRA, ``train_stats.json`` and ``<files>_timing.json`` exist and ``<files>_settings.json``
+    holds `settings`; started over (the folder removed) when it holds other settings; otherwise launched, which
+    resumes from the latest checkpoint. `before_launch` runs right before the launch. Returns ``{"skipped": ...,
+    "seconds": ..., "seconds_per_step": ...}`` plus ``extra_timing(train_stats)``, as kept in the timing file.
+    """
+    lora, stats_file = folder / "pytorch_lora_weights.safetensors", folder / "train_stats.json"
+    settings_file, timing_file = folder / f"{files}_settings.json", folder / f"{files}_timing.json"
     saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else None
-    if lora.is_file() and stats_file.is_file() and saved == settings:
-        return {**record, "skipped": True, **json.loads(settings_file.with_name("experiment_timing.json")
-                                                       .read_text(encoding="utf-8"))}
+    if lora.is_file() and stats_file.is_file() and saved == settings and timing_file.is_file():
+        return {"skipped": True, **json.loads(timing_file.read_text(encoding="utf-8"))}
     if saved is not None and saved != settings:  # other settings: start over
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     lora.unlink(missing_ok=True)
     stats_file.unlink(missing_ok=True)
+    if before_launch is not None:
+        before_launch()
     start = time.perf_counter()
     error: BaseException | None = None
     try:
-        train_in_process(cmd[2:], folder / "train.log")
+        train_in_process(argv, folder / "train.log")
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported below with the log's tail
         error = exc
     seconds = time.perf_counter() - start
     if error is not None or not lora.is_file():
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(f"ReFL run {name} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
+        raise RuntimeError(f"{label} failed ({error!r}); log {folder / 'train.log'}:\n{tail}") from error
     timing = {"seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps, 1), 3)}
-    (folder / "experiment_timing.json").write_text(json.dumps(timing) + "\n", encoding="utf-8")
-    return {**record, "skipped": False, **timing}
+    if extra_timing is not None:
+        timing.update(extra_timing(json.loads(stats_file.read_text(encoding="utf-8"))))
+    timing_file.write_text(json.dumps(timing) + "\n", encoding="utf-8")
+    return {"skipped": False, **timing}
+
+
+def train_refl_run(name: str, models: dict[str, Path], data: dict[str, Any], out: Path, steps: int,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or skip / resume) one ReFL LoRA into ``out/<name>``; returns its record for experiment.json."""
+    folder = out / name
+    cmd = refl_command(name, models, data, folder, steps, overrides)
+    settings = {"command": [str(c) for c in cmd[1:]], "steps": steps}
+    record: dict[str, Any] = {"folder": str(folder), "lora": str(folder / "pytorch_lora_weights.safetensors"),
+                              "steps": steps, **REFL_RUNS[name], **(overrides or {})}
+    return {**record, **cached_train_run(folder, cmd[2:], settings, steps, "experiment", label=f"ReFL run {name}")}
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
