@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import torch
@@ -154,6 +155,22 @@ def peak_bytes(fn, device) -> int:
     return peak
 
 
+def timed(
+    fns: dict[Hashable, Callable[[], None]], warmup: int, repeats: int, device
+) -> dict[Hashable, list[float]]:
+    """Every function once per round, interleaved; the rounds after ``warmup`` kept."""
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def slope(xs, ys) -> float:
     """Least-squares slope of ys over xs."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -188,16 +205,9 @@ def main(argv=None) -> dict:
     peaks = {
         m: {k: peak_bytes(lambda k=k, c=c: run(k, c), args.device) for k in args.ks} for m, c in modes.items()
     }
-    times: dict[str, dict[int, list[float]]] = {m: {k: [] for k in args.ks} for m in modes}
-    for r in range(args.warmup + args.repeats):
-        for k in args.ks:
-            for m, c in modes.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                run(k, c)
-                sync(args.device)
-                if r >= args.warmup:
-                    times[m][k].append(time.perf_counter() - t0)
+    fns = {(k, m): (lambda k=k, c=c: run(k, c)) for k in args.ks for m, c in modes.items()}
+    rounds = timed(fns, args.warmup, args.repeats, args.device)
+    times = {m: {k: rounds[(k, m)] for k in args.ks} for m in modes}
     k1 = min(args.ks)
     rows = []
     for k in args.ks:

@@ -60,7 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_draft import add_model_arguments, build, git_commit, peak_bytes, sync
+from bench_draft import add_model_arguments, build, git_commit, peak_bytes, timed
 
 from realign_pipeline.training.draft import draft_latents
 from realign_pipeline.training.refl import decode, refl_latents
@@ -179,20 +179,6 @@ class Passes:
         with self.autocast():
             loss = -decode(self.vae, latents).float().mean()
         loss.backward()
-
-
-def timed(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device) -> dict[str, list[float]]:
-    """Every function once per round, interleaved; the rounds after ``warmup`` kept."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def peaks_and_times(
